@@ -1,0 +1,95 @@
+"""The ``fedtrust`` command: a thin layer over the Python API.
+
+    fedtrust run [CONFIG.yaml] [key=value ...] [--resume RUN_DIR] [--quiet]
+    fedtrust report RUN_DIR [RUN_DIR ...] [-o OUT.html]
+    fedtrust list [KIND]
+
+Errors a user can cause print one line (``error: ...``) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fedtrust.errors import FedTrustError
+
+LIST_KINDS = ("algorithm", "objective", "dataset", "partitioner", "model")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fedtrust.runner.run import run
+
+    config, overrides = None, []
+    for item in args.items:
+        if "=" in item:
+            overrides.append(item)
+        elif config is None:
+            config = item
+        else:
+            raise FedTrustError(f"unexpected argument {item!r}: give one CONFIG.yaml and key=value overrides")
+    run(config, overrides, resume=args.resume, progress=not args.quiet)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fedtrust.report import write_report
+
+    dirs = [Path(d) for d in args.run_dirs]
+    for d in dirs:
+        if not d.is_dir():
+            raise FedTrustError(f"run directory {str(d)!r} does not exist")
+    path = write_report(dirs, Path(args.output) if args.output else None)
+    print(f"report: {path}")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from fedtrust.registry import get, names
+
+    kinds = [args.kind] if args.kind else list(LIST_KINDS)
+    for kind in kinds:
+        if kind not in LIST_KINDS:
+            raise FedTrustError(f"unknown kind {kind!r}; valid: {', '.join(LIST_KINDS)}")
+        print(f"{kind}s:")
+        for name in names(kind):
+            doc = (getattr(get(kind, name), "__doc__", None) or "").strip().splitlines()
+            print(f"  {name:<16} {doc[0] if doc else ''}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedtrust", description="Trustworthy federated learning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="run (or resume) a federated job; no arguments: FedAvg on bundled digits")
+    p_run.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value",
+                       help="an optional YAML config, then dotted overrides such as rounds=10 data.alpha=0.1")
+    p_run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
+    p_run.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
+    p_run.set_defaults(func=_cmd_run)
+    p_rep = sub.add_parser("report", help="write an HTML report of one or more run directories")
+    p_rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p_rep.add_argument("-o", "--output", metavar="OUT.html", help="where to write the report")
+    p_rep.set_defaults(func=_cmd_report)
+    p_list = sub.add_parser("list", help="list registered algorithms, objectives, data sets, partitioners, models")
+    p_list.add_argument("kind", nargs="?", help=f"one of {', '.join(LIST_KINDS)}")
+    p_list.set_defaults(func=_cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fedtrust`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FedTrustError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; continue with: fedtrust run --resume RUN_DIR", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

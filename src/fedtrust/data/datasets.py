@@ -1,0 +1,317 @@
+"""Data set registry: ``load_dataset(name, root)`` returns a :class:`Dataset`.
+
+``digits`` is bundled with scikit-learn and always available. File-based
+sets are read from a data root (see ``data.readers``); each looks for its
+files in these layouts, in order, and uses the first one complete:
+
+==============  ===============================================================
+name            layouts under ``ROOT``
+==============  ===============================================================
+mnist           ``mnist/{train,test}.npz``; ``MNIST/raw/`` IDX files (torchvision)
+fashion_mnist   ``fashion_mnist/{train,test}.npz``; ``FashionMNIST/raw/`` IDX files
+cifar10         ``cifar10/{train or train_full_jpeg,test}.npz``; ``cifar-10-batches-py/``
+cifar100        ``cifar100/{train,test}.npz``; ``cifar-100-python/{train,test}`` (fine labels)
+svhn            ``svhn/{train,test}.npz``; ``{train,test}_32x32.mat`` in ``ROOT`` or ``ROOT/svhn``
+npz             ``ROOT/train.npz`` and ``ROOT/test.npz`` (any image set of your own)
+==============  ===============================================================
+
+IDX files may be gzip-compressed (``.gz``). The ``.npz`` files hold ``x``
+uint8 ((N,H,W), (N,H,W,C) or (N,C,H,W)) and ``y`` int64, opened without
+pickle; ``../shared/data`` beside the checkout holds such copies of MNIST,
+Fashion-MNIST and CIFAR-10. A missing set raises a one-line ``DataError``
+naming every path looked at and how to get the data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedtrust.data import readers
+from fedtrust.data.readers import Arrays
+from fedtrust.data.types import Dataset, ImageSet
+from fedtrust.errors import DataError
+from fedtrust.registry import get, register
+
+DIGITS_TEST_SIZE = 360  # 20 % of 1,797, stratified, fixed split (seed 0) independent of the run seed
+
+
+def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
+    """Load a registered data set by name; ``root`` is the data directory for file-based sets."""
+    loader = get("dataset", name)
+    return loader(Path(root) if root is not None else None)
+
+
+@register("dataset", "digits")
+def load_digits(root: Path | None = None) -> Dataset:
+    """scikit-learn's 1,797 8×8 handwritten digits, pixels 0..16 rescaled to uint8 0..255.
+
+    The train/test split is stratified and fixed (``random_state=0``), so every
+    run and every test sees the same 1,437 training and 360 test images.
+    """
+    from sklearn.datasets import load_digits as sk_load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = sk_load_digits()
+    x = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None, :, :]
+    y = bunch.target.astype(np.int64)
+    idx_train, idx_test = train_test_split(
+        np.arange(len(y)), test_size=DIGITS_TEST_SIZE, stratify=y, random_state=0
+    )
+    idx_train.sort()
+    idx_test.sort()
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    train = ImageSet(xt[idx_train].contiguous(), yt[idx_train].contiguous(), 10)
+    test = ImageSet(xt[idx_test].contiguous(), yt[idx_test].contiguous(), 10)
+    mean = float(train.x.float().mean() / 255.0)
+    std = float(train.x.float().std() / 255.0)
+    return Dataset("digits", train, test, (mean,), (std,), augment="none", classes=tuple(str(i) for i in range(10)))
+
+
+# ---------------------------------------------------------------- file-based sets
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What is fixed about a standard data set: image shape, normalisation, default augmentation, class names.
+
+    ``mean``/``std`` are per-channel statistics of the training pixels scaled
+    to [0, 1], the values commonly published for each set.
+    """
+
+    name: str
+    shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: str
+    classes: tuple[str, ...]
+    how_to_get: str  # ends the "not found" error: "get it with ..."
+
+
+_DIGIT_NAMES = tuple(str(i) for i in range(10))
+_NPZ_HINT = "or the .npz files (x uint8, y int64) described in the README"
+
+MNIST = DatasetSpec(
+    "mnist", (1, 28, 28), (0.1307,), (0.3081,), "none", _DIGIT_NAMES,
+    f"get it with torchvision.datasets.MNIST(root, download=True) {_NPZ_HINT}",
+)
+FASHION_MNIST = DatasetSpec(
+    "fashion_mnist", (1, 28, 28), (0.2860,), (0.3530,), "none",
+    ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+    f"get it with torchvision.datasets.FashionMNIST(root, download=True) {_NPZ_HINT}",
+)
+# std is the true per-channel pixel std (0.2470, ...), not the often-copied (0.2023, 0.1994, 0.2010).
+CIFAR10 = DatasetSpec(
+    "cifar10", (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "crop_flip",
+    ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+    f"get it with torchvision.datasets.CIFAR10(root, download=True) {_NPZ_HINT}",
+)
+CIFAR100 = DatasetSpec(
+    "cifar100", (3, 32, 32), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "crop_flip",
+    tuple(
+        "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly "
+        "camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup "
+        "dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower "
+        "leopard lion lizard lobster man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid "
+        "otter palm_tree pear pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray road "
+        "rocket rose sea seal shark shrew skunk skyscraper snail snake spider squirrel streetcar sunflower "
+        "sweet_pepper table tank telephone television tiger tractor train trout tulip turtle wardrobe whale "
+        "willow_tree wolf woman worm".split()
+    ),
+    f"get it with torchvision.datasets.CIFAR100(root, download=True) {_NPZ_HINT}",
+)
+SVHN = DatasetSpec(
+    "svhn", (3, 32, 32), (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), "crop", _DIGIT_NAMES,
+    "get it with torchvision.datasets.SVHN(root, split='train', download=True) and split='test', "
+    f"{_NPZ_HINT}",
+)
+
+Split = tuple[Arrays, Arrays]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way a data set can sit on disk: the paths it needs (shown in errors) and, if all exist, how to read them."""
+
+    looked_at: tuple[str, ...]
+    read: Callable[[], Split] | None
+
+
+def _npz_layout(folder: Path, train_names: Sequence[str] = ("train.npz",)) -> Layout:
+    """``folder/<train name>`` (first that exists) and ``folder/test.npz``."""
+    trains = [folder / n for n in train_names]
+    test = folder / "test.npz"
+    train = next((p for p in trains if p.is_file()), None)
+    looked_at = (*map(str, trains), str(test))
+    if train is None or not test.is_file():
+        return Layout(looked_at, None)
+    return Layout(looked_at, lambda: (readers.read_npz(train), readers.read_npz(test)))
+
+
+def _idx_layout(raw: Path) -> Layout:
+    """torchvision's MNIST-style ``raw/`` folder: four IDX files, each plain or ``.gz``."""
+    stems = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    found = [readers.find_idx(raw, s) for s in stems]
+    looked_at = tuple(f"{raw / s}[.gz]" for s in stems)
+    if any(f is None for f in found):
+        return Layout(looked_at, None)
+    train_x, train_y, test_x, test_y = found
+    return Layout(looked_at, lambda: (readers.read_idx_pair(train_x, train_y), readers.read_idx_pair(test_x, test_y)))
+
+
+def _pickle_layout(folder: Path, train: Sequence[str], test: Sequence[str], label_key: str) -> Layout:
+    """torchvision's CIFAR python folder: training and test batch files, read with the restricted unpickler."""
+    train_paths, test_paths = [folder / n for n in train], [folder / n for n in test]
+    looked_at = tuple(str(p) for p in (*train_paths, *test_paths))
+    if not all(p.is_file() for p in (*train_paths, *test_paths)):
+        return Layout(looked_at, None)
+    return Layout(
+        looked_at,
+        lambda: (readers.read_cifar_batches(train_paths, label_key), readers.read_cifar_batches(test_paths, label_key)),
+    )
+
+
+def _mat_layout(folder: Path) -> Layout:
+    """SVHN's ``train_32x32.mat`` and ``test_32x32.mat`` in ``folder``."""
+    train, test = folder / "train_32x32.mat", folder / "test_32x32.mat"
+    if not (train.is_file() and test.is_file()):
+        return Layout((str(train), str(test)), None)
+    return Layout((str(train), str(test)), lambda: (readers.read_svhn_mat(train), readers.read_svhn_mat(test)))
+
+
+def read_first_layout(name: str, root: Path | None, layouts: Callable[[Path], list[Layout]], how_to_get: str) -> Split:
+    """Read the first complete layout under ``root``, or raise one DataError naming every path looked at."""
+    if root is None:
+        raise DataError(
+            f"data set {name!r} is read from files but no data root was set; "
+            f"set one to the folder holding it ({how_to_get})"
+        )
+    candidates = layouts(root)
+    for layout in candidates:
+        if layout.read is not None:
+            return layout.read()
+    where = "" if root.is_dir() else f" (data root {root} does not exist)"
+    paths = ", ".join(p for layout in candidates for p in layout.looked_at)
+    raise DataError(f"data set {name!r} not found{where}: looked for {paths}; {how_to_get}")
+
+
+def _image_set(arrays: Arrays, num_classes: int, shape: tuple[int, ...] | None) -> ImageSet:
+    """Wrap numpy arrays as tensors without copying, checking the image shape and label range."""
+    if shape is not None and arrays.x.shape[1:] != shape:
+        raise DataError(f"{arrays.source}: images have shape {arrays.x.shape[1:]}, expected {shape}")
+    if len(arrays.y) and int(arrays.y.max()) >= num_classes:
+        raise DataError(f"{arrays.source}: labels must lie in 0..{num_classes - 1}, got max {int(arrays.y.max())}")
+    x = arrays.x if arrays.x.flags.writeable else arrays.x.copy()  # torch warns on read-only memory
+    return ImageSet(torch.from_numpy(x), torch.from_numpy(arrays.y), num_classes)
+
+
+def _from_spec(spec: DatasetSpec, split: Split) -> Dataset:
+    """A standard set's Dataset: the spec's class names, normalisation and augmentation over the read splits."""
+    k = len(spec.classes)
+    train, test = (_image_set(a, k, spec.shape) for a in split)
+    return Dataset(spec.name, train, test, spec.mean, spec.std, augment=spec.augment, classes=spec.classes)
+
+
+def _load_standard(spec: DatasetSpec, root: Path | None, layouts: Callable[[Path], list[Layout]]) -> Dataset:
+    """Read the first complete layout of ``spec``'s set under ``root``."""
+    return _from_spec(spec, read_first_layout(spec.name, root, layouts, spec.how_to_get))
+
+
+@register("dataset", "mnist")
+def load_mnist(root: Path | None = None) -> Dataset:
+    """MNIST, 60,000 + 10,000 handwritten digits, (N, 1, 28, 28)."""
+    return _load_standard(MNIST, root, lambda r: [_npz_layout(r / "mnist"), _idx_layout(r / "MNIST" / "raw")])
+
+
+@register("dataset", "fashion_mnist")
+def load_fashion_mnist(root: Path | None = None) -> Dataset:
+    """Fashion-MNIST, 60,000 + 10,000 clothing images, (N, 1, 28, 28)."""
+    return _load_standard(
+        FASHION_MNIST, root, lambda r: [_npz_layout(r / "fashion_mnist"), _idx_layout(r / "FashionMNIST" / "raw")]
+    )
+
+
+@register("dataset", "cifar10")
+def load_cifar10(root: Path | None = None) -> Dataset:
+    """CIFAR-10, 50,000 + 10,000 colour images, (N, 3, 32, 32).
+
+    ``cifar10/train_full_jpeg.npz`` (the JPEG copy in ``../shared/data``) is
+    decoded once and cached (``readers.read_jpeg_npz``); it is lossy, fine for
+    comparing methods but not for matching published numbers exactly.
+    """
+    batches = [f"data_batch_{i}" for i in range(1, 6)]
+    return _load_standard(
+        CIFAR10,
+        root,
+        lambda r: [
+            _npz_layout(r / "cifar10", ("train.npz", "train_full_jpeg.npz")),
+            _pickle_layout(r / "cifar-10-batches-py", batches, ["test_batch"], "labels"),
+        ],
+    )
+
+
+@register("dataset", "cifar100")
+def load_cifar100(root: Path | None = None) -> Dataset:
+    """CIFAR-100 with its 100 fine labels, 50,000 + 10,000 colour images, (N, 3, 32, 32)."""
+    return _load_standard(
+        CIFAR100,
+        root,
+        lambda r: [
+            _npz_layout(r / "cifar100"),
+            _pickle_layout(r / "cifar-100-python", ["train"], ["test"], "fine_labels"),
+        ],
+    )
+
+
+@register("dataset", "svhn")
+def load_svhn(root: Path | None = None) -> Dataset:
+    """SVHN cropped digits, 73,257 + 26,032 colour images, (N, 3, 32, 32); label 10 of the .mat files is digit 0.
+
+    The ``extra`` split is not read.
+    """
+    return _load_standard(SVHN, root, lambda r: [_npz_layout(r / "svhn"), _mat_layout(r), _mat_layout(r / "svhn")])
+
+
+@register("dataset", "npz")
+def load_npz(root: Path | None = None) -> Dataset:
+    """Any image set of your own: ``ROOT/train.npz`` and ``ROOT/test.npz``.
+
+    Each file holds ``x`` uint8 of shape (N, H, W), (N, H, W, C) or
+    (N, C, H, W) and ``y`` integer labels from 0; ``train.npz`` may add
+    ``classes`` (one name per class). The number of classes is ``len(classes)``
+    when given, else the largest label in either split plus one. ``mean`` and
+    ``std`` are computed per channel from the training pixels, and the default
+    augmentation is ``"none"`` (choose one in the config). A JPEG pack
+    (``jpeg``, ``offsets``, ``y``) is accepted in place of ``x``.
+    """
+    how = (
+        "write two files ROOT/train.npz and ROOT/test.npz with arrays x (uint8 images) and y (int labels), "
+        "see fedtrust.data.datasets.load_npz"
+    )
+    train, test = read_first_layout("npz", root, lambda r: [_npz_layout(r)], how)
+    if train.x.shape[1:] != test.x.shape[1:]:
+        raise DataError(f"{test.source}: images have shape {test.x.shape[1:]}, {train.source} has {train.x.shape[1:]}")
+    if len(train.y) == 0:
+        raise DataError(f"{train.source}: the training split is empty")
+    top = max(int(train.y.max()), int(test.y.max()) if len(test.y) else 0) + 1
+    classes = train.classes or tuple(str(i) for i in range(top))
+    k = len(classes)
+    mean, std = channel_stats(train.x)
+    return Dataset("npz", _image_set(train, k, None), _image_set(test, k, None), mean, std, "none", classes)
+
+
+def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Exact per-channel mean and std of uint8 NCHW pixels scaled to [0, 1], from 256-bin histograms."""
+    levels = np.arange(256, dtype=np.float64) / 255.0
+    means, stds = [], []
+    for c in range(x.shape[1]):
+        counts = np.bincount(x[:, c].ravel(), minlength=256).astype(np.float64)
+        p = counts / counts.sum()
+        mean = float(p @ levels)
+        means.append(mean)
+        stds.append(float(np.sqrt(max(p @ (levels - mean) ** 2, 0.0))))
+    return tuple(means), tuple(stds)

@@ -1,0 +1,48 @@
+"""What an algorithm is built with: the model factory, data facts and training settings."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fedtrust.fl.protocol import OptimizerSpec
+
+
+@dataclass
+class LocalSchedule:
+    """Client-side training settings shared by every algorithm (config section ``train``)."""
+
+    optimizer: OptimizerSpec
+    batch_size: int
+    epochs: int = 1
+    steps: int | None = None
+    augment: str = "none"
+
+
+@dataclass
+class AlgorithmContext:
+    """Everything an :class:`~fedtrust.fl.protocol.Algorithm` needs besides its own params.
+
+    ``new_model`` builds a freshly initialised model under the caller's RNG;
+    ``class_counts`` are the global training class counts (the prior π of logit
+    adjustment; revealing them discloses only counts); ``lr(round)`` is the
+    client learning rate of a round under the configured schedule;
+    ``normalize`` maps uint8 images to the model's float input.
+    """
+
+    new_model: Callable[[], nn.Module]
+    num_classes: int
+    class_counts: Tensor
+    objective: Callable[..., Tensor]
+    schedule: LocalSchedule
+    lr: Callable[[int], float]
+    normalize: Callable[[Tensor], Tensor]
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+
+    def optimizer(self, lr: float) -> OptimizerSpec:
+        """The configured client optimizer at learning rate ``lr``."""
+        return dataclasses.replace(self.schedule.optimizer, lr=lr)

@@ -1,0 +1,116 @@
+"""Evaluation of an algorithm's predictors: global test set and personalized local test sets.
+
+Global: accuracy, loss, per-class accuracy and class-group accuracy on the
+balanced test set. Personalized (spec fedloge.md §1/§6): each client is scored
+on its own label-matched local test set and the accuracies are averaged
+unweighted over clients. Algorithms whose predictors do not depend on the
+client state reuse one pass over the test set for every client.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fedtrust.data.types import ImageSet
+from fedtrust.fl.executor import ClientStore
+from fedtrust.fl.protocol import Algorithm, Message
+from fedtrust.metrics.accuracy import group_accuracy, per_class_accuracy
+
+
+@dataclass
+class EvalSetup:
+    """The fixed parts of evaluation, built once per run."""
+
+    test: ImageSet
+    normalize: Callable[[Tensor], Tensor]
+    groups: dict[str, list[int]]
+    hmt: dict[str, list[int]]
+    local_test: Sequence[Tensor] | None
+    batch_size: int = 1024
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: Tensor, normalize: Callable[[Tensor], Tensor],
+                   batch_size: int) -> Tensor:
+    """Logits of ``model`` in eval mode over uint8 ``images``, in large batches."""
+    was_training = model.training
+    model.eval()
+    out = [model(normalize(chunk)) for chunk in images.split(batch_size)]
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def _nan_to_none(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def global_metrics(logits: Tensor, y: Tensor, num_classes: int, setup: EvalSetup) -> dict[str, Any]:
+    """Accuracy, CE loss, per-class and per-group accuracy of one predictor on the test set."""
+    pred = logits.argmax(1)
+    per_class = per_class_accuracy(pred, y, num_classes)
+    return {
+        "test_acc": float((pred == y).float().mean()),
+        "test_loss": float(F.cross_entropy(logits, y)),
+        "class_acc": [_nan_to_none(float(a)) for a in per_class],
+        "group_acc": {k: _nan_to_none(v) for k, v in group_accuracy(per_class, setup.groups).items()},
+        "hmt_acc": {k: _nan_to_none(v) for k, v in group_accuracy(per_class, setup.hmt).items()},
+    }
+
+
+def client_metrics(correct_of: Callable[[int, str], Tensor | None], num_clients: int,
+                   names: list[str]) -> dict[str, dict[str, Any]]:
+    """Per-client accuracy for every predictor; ``correct_of(k, name)`` is a bool tensor or None."""
+    accs: dict[str, list[float | None]] = {name: [] for name in names}
+    for k in range(num_clients):
+        for name in names:
+            correct = correct_of(k, name)
+            accs[name].append(float(correct.float().mean()) if correct is not None else None)
+    out = {}
+    for name, values in accs.items():
+        vals = [a for a in values if a is not None]
+        out[name] = {"client_acc": values, "client_acc_mean": sum(vals) / len(vals) if vals else None}
+    return out
+
+
+def evaluate(algorithm: Algorithm, state: Message, store: ClientStore, setup: EvalSetup) -> dict[str, Any]:
+    """All evaluation metrics of the current server state (and client states, if personalized)."""
+    test = setup.test
+    predictors = algorithm.predictors(state)
+    names = list(predictors)
+    results: dict[str, dict[str, Any]] = {}
+    correct_global: dict[str, Tensor] = {}
+    for name, model in predictors.items():
+        logits = predict_logits(model, test.x, setup.normalize, setup.batch_size)
+        results[name] = global_metrics(logits, test.y, test.num_classes, setup)
+        correct_global[name] = logits.argmax(1) == test.y
+
+    if setup.local_test is not None:
+        local = setup.local_test
+        cache: dict[int, dict[str, nn.Module]] = {}
+
+        def correct_of(k: int, name: str) -> Tensor | None:
+            idx = local[k]
+            if idx.numel() == 0:
+                return None
+            if not algorithm.personalized:
+                return correct_global[name][idx]
+            if k not in cache:  # build client k's predictors once for all names
+                cache.clear()
+                cache[k] = algorithm.predictors(state, store.get(k))
+            logits = predict_logits(cache[k][name], test.x[idx], setup.normalize, setup.batch_size)
+            return logits.argmax(1) == test.y[idx]
+
+        for name, extra in client_metrics(correct_of, len(local), names).items():
+            results[name].update(extra)
+
+    primary = dict(results[names[0]])
+    if len(names) > 1:
+        primary["by_predictor"] = results
+    return primary

@@ -1,0 +1,134 @@
+"""Executors own the round loop; algorithms never know which one runs them.
+
+The loop (:meth:`Executor.run`) is written once: sample clients, ``configure``,
+execute the clients, ``aggregate``, then hand a :class:`RoundReport` to the
+callbacks (evaluation, metrics, checkpoints, progress). A subclass only says
+how a round's clients are executed (:meth:`Executor.execute`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fedtrust.data.types import ImageSet
+from fedtrust.fl.protocol import Algorithm, ClientContext, Message
+from fedtrust.fl.sampling import client_generator, sample_clients
+
+
+class ClientStore:
+    """Persistent per-client state kept by the executor (never seen by the server).
+
+    Only clients that have state are stored, so 10,000 stateless clients cost nothing.
+    """
+
+    def __init__(self, states: dict[int, Message] | None = None) -> None:
+        self.states: dict[int, Message] = dict(states or {})
+
+    def get(self, client: int) -> Message:
+        return self.states.get(client) or Message()
+
+    def set(self, client: int, state: Message) -> None:
+        if state.arrays or state.meta:
+            self.states[client] = state
+        else:
+            self.states.pop(client, None)
+
+
+@dataclass
+class ClientData:
+    """The federation's data: the training set and each client's index array into it."""
+
+    train: ImageSet
+    indices: Sequence[torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def client(self, k: int) -> ImageSet:
+        return self.train.subset(self.indices[k])
+
+
+@dataclass
+class RoundReport:
+    """What callbacks see after a round: who took part, the replies' metadata, and metrics so far."""
+
+    round: int
+    clients: list[int]
+    reply_meta: dict[int, dict[str, Any]]
+    state: Message
+    store: ClientStore
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def train_loss(self) -> float | None:
+        """Sample-weighted mean of the clients' mean local losses."""
+        pairs = [(m.get("loss"), m.get("num_examples", 0)) for m in self.reply_meta.values()]
+        pairs = [(l, n) for l, n in pairs if l is not None and n > 0]
+        total = sum(n for _, n in pairs)
+        return sum(l * n for l, n in pairs) / total if total else None
+
+
+class Callback:
+    """Hooks around the round loop (STYLE.md §3: callbacks handle eval, checkpoints and logging)."""
+
+    def on_begin(self, start_round: int, rounds: int) -> None: ...
+    def after_round(self, report: RoundReport) -> None: ...
+    def on_end(self) -> None: ...
+
+
+class Executor:
+    """Runs an algorithm's rounds. ``execute`` is the only hook a subclass overrides."""
+
+    name = "base"
+
+    def __init__(self, algorithm: Algorithm, data: ClientData, seed: int, device: torch.device,
+                 num_sampled: int) -> None:
+        self.algorithm = algorithm
+        self.data = data
+        self.seed = seed
+        self.device = device
+        self.num_sampled = num_sampled
+
+    def execute(self, messages: dict[int, Message], round: int, store: ClientStore) -> dict[int, Message]:
+        raise NotImplementedError
+
+    def client_context(self, client: int, round: int) -> ClientContext:
+        return ClientContext(client, round, client_generator(self.seed, round, client), self.device)
+
+    def run(self, state: Message, store: ClientStore, start_round: int, rounds: int,
+            callbacks: Sequence[Callback] = (), should_stop: Callable[[], bool] | None = None) -> Message:
+        """Rounds ``start_round + 1 … rounds``; returns the final server state."""
+        for cb in callbacks:
+            cb.on_begin(start_round, rounds)
+        for r in range(start_round + 1, rounds + 1):
+            clients = sample_clients(len(self.data), self.num_sampled, self.seed, r)
+            messages = self.algorithm.configure(state, r, clients)
+            replies = self.execute(messages, r, store)
+            state = self.algorithm.aggregate(state, replies, r)
+            report = RoundReport(r, clients, {c: m.meta for c, m in replies.items()}, state, store)
+            for cb in callbacks:
+                cb.after_round(report)
+            if should_stop is not None and should_stop():
+                break
+        for cb in callbacks:
+            cb.on_end()
+        return state
+
+
+class SequentialExecutor(Executor):
+    """The reference executor: one client after another, in client-id order."""
+
+    name = "sequential"
+
+    def execute(self, messages: dict[int, Message], round: int, store: ClientStore) -> dict[int, Message]:
+        replies = {}
+        for c in sorted(messages):
+            reply, new_state = self.algorithm.client_update(
+                messages[c], self.data.client(c), store.get(c), self.client_context(c, round))
+            store.set(c, new_state)
+            replies[c] = reply
+        return replies

@@ -1,0 +1,52 @@
+"""Local objectives: composable losses that plug into any algorithm that trains locally.
+
+An objective is called as ``objective(model, batch) -> scalar loss``. It
+declares whether it needs auxiliary outliers in the batch (``needs_outliers``)
+and its hyper-parameters as a pydantic ``Params`` model (validated from the
+``objective`` config section). Issue-specific objectives (LA, OE, RNA, ...)
+register here the same way.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+from fedtrust.registry import get, register
+
+
+class Objective:
+    """Base class of local objectives."""
+
+    name: ClassVar[str] = "base"
+    needs_outliers: ClassVar[bool] = False
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def __init__(self, params: BaseModel, num_classes: int, class_counts: Tensor) -> None:
+        self.params = params
+        self.num_classes = num_classes
+        self.class_counts = class_counts
+
+    def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+
+@register("objective", "ce")
+class CrossEntropy(Objective):
+    """Plain cross-entropy on the model's logits: L = −log softmax(f(x))_y."""
+
+    name = "ce"
+
+    def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        return F.cross_entropy(model(batch["x"]), batch["y"])
+
+
+def build_objective(name: str, params: dict, num_classes: int, class_counts: Tensor) -> Objective:
+    """Instantiate a registered objective from its config (params already validated)."""
+    cls = get("objective", name)
+    return cls(cls.Params(**params), num_classes, class_counts)

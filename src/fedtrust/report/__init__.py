@@ -1,0 +1,375 @@
+"""Run reports: one self-contained HTML page for one run directory or several.
+
+A run directory (see ``fedtrust.runner``) holds ``config.yaml``,
+``metrics.jsonl``, ``partition.json`` and ``summary.json``. Any of them may be
+missing or damaged (a run killed before its first evaluation, a truncated last
+line): :func:`load_run` keeps whatever parses and records a note for each
+problem, and the report shows those notes instead of failing.
+
+:func:`write_report` writes the HTML page, with every plot inlined as a base64
+``data:`` URI so the page stands alone, and also saves each plot as a PNG in a
+``report_files/`` folder beside the page (named ``<page stem>-<plot>.png`` so
+that several reports can share the folder).
+
+This module holds the data model (:class:`RunData`): it is the only place
+that interprets the run files, so :mod:`~fedtrust.report.plots` and
+:mod:`~fedtrust.report.html` only draw clean numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedtrust.errors import FedTrustError
+
+__all__ = ["RunData", "as_float", "default_report_path", "load_run", "write_report"]
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+PARTITION_FILE = "partition.json"
+SUMMARY_FILE = "summary.json"
+ASSETS_DIR = "report_files"
+
+
+def as_float(value: Any) -> float | None:
+    """``value`` as a finite float, or None for null, NaN, infinities, booleans and non-numbers."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _float_list(value: Any) -> list[float | None]:
+    """A JSON list of numbers as floats, with None for every entry that is not a finite number."""
+    return [as_float(v) for v in value] if isinstance(value, list) else []
+
+
+def _float_map(value: Any) -> dict[str, float | None]:
+    """A JSON object of numbers as ``{str: float | None}`` (non-numbers become None)."""
+    return {str(k): as_float(v) for k, v in value.items()} if isinstance(value, Mapping) else {}
+
+
+@dataclass
+class RunData:
+    """Everything readable from one run directory, with accessors that return clean numbers.
+
+    ``config``, ``partition`` and ``summary`` are None when their file is
+    missing or unreadable; ``records`` holds the parsed lines of
+    ``metrics.jsonl`` (eval rounds are those with a ``test_acc`` key);
+    ``notes`` says, in words, what was missing or skipped.
+    """
+
+    path: Path
+    config: dict[str, Any] | None = None
+    records: list[dict[str, Any]] = field(default_factory=list)
+    partition: dict[str, Any] | None = None
+    summary: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    # --- identity -----------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The run directory's name."""
+        return self.path.name
+
+    def _config_section(self, key: str) -> dict[str, Any]:
+        """A section of the config as a dict (empty when absent or not a mapping)."""
+        section = (self.config or {}).get(key)
+        return section if isinstance(section, dict) else {}
+
+    def _summary_str(self, key: str) -> str | None:
+        """A string field of summary.json, or None."""
+        value = (self.summary or {}).get(key)
+        return str(value) if value is not None else None
+
+    @property
+    def algorithm(self) -> str | None:
+        """The algorithm's name, from summary.json or the config."""
+        raw = (self.config or {}).get("algorithm")
+        from_config = raw if isinstance(raw, str) else self._config_section("algorithm").get("name")
+        return self._summary_str("algorithm") or (str(from_config) if from_config else None)
+
+    @property
+    def label(self) -> str:
+        """How plots and tables name the run: directory name plus algorithm."""
+        return f"{self.name} ({self.algorithm})" if self.algorithm else self.name
+
+    @property
+    def dataset(self) -> str | None:
+        """The data set's name, from summary.json or the config."""
+        return self._summary_str("dataset") or _opt_str(self._config_section("data").get("dataset"))
+
+    @property
+    def partition_name(self) -> str | None:
+        """The partition's name with its parameters, e.g. ``dirichlet (alpha=0.5)``."""
+        part = self.partition or {}
+        name = _opt_str(part.get("partition")) or _opt_str(self._config_section("data").get("partition"))
+        params = part.get("params")
+        if name and isinstance(params, Mapping) and params:
+            return f"{name} ({', '.join(f'{k}={v}' for k, v in params.items())})"
+        return name
+
+    # --- metrics ------------------------------------------------------------
+
+    @property
+    def eval_records(self) -> list[dict[str, Any]]:
+        """The metric lines of evaluation rounds, in file order."""
+        return [r for r in self.records if "test_acc" in r]
+
+    @property
+    def final_eval(self) -> dict[str, Any] | None:
+        """The last evaluation record, or summary.json when metrics.jsonl has none."""
+        evals = self.eval_records
+        if evals:
+            return evals[-1]
+        return self.summary if self.summary and "test_acc" in self.summary else None
+
+    @property
+    def predictors(self) -> list[str]:
+        """Names of the predictors in ``by_predictor`` (first = primary); empty for a single predictor."""
+        final = self.final_eval or {}
+        by_pred = final.get("by_predictor")
+        return [str(k) for k in by_pred] if isinstance(by_pred, Mapping) else []
+
+    @staticmethod
+    def _view(record: Mapping[str, Any], predictor: str | None) -> Mapping[str, Any]:
+        """The part of ``record`` that describes ``predictor`` (the flat keys for None)."""
+        if predictor is None:
+            return record
+        by_pred = record.get("by_predictor")
+        view = by_pred.get(predictor) if isinstance(by_pred, Mapping) else None
+        return view if isinstance(view, Mapping) else {}
+
+    def series(self, key: str, predictor: str | None = None) -> tuple[list[int], list[float]]:
+        """Rounds and finite values of ``key`` over all records (e.g. ``test_acc``, ``train_loss``)."""
+        rounds: list[int] = []
+        values: list[float] = []
+        for record in self.records:
+            value = as_float(self._view(record, predictor).get(key))
+            rnd = record.get("round")
+            if value is not None and isinstance(rnd, int) and not isinstance(rnd, bool):
+                rounds.append(rnd)
+                values.append(value)
+        return rounds, values
+
+    def final_value(self, key: str, predictor: str | None = None) -> float | None:
+        """A scalar of the final evaluation, or None."""
+        return as_float(self._view(self.final_eval or {}, predictor).get(key))
+
+    def final_list(self, key: str, predictor: str | None = None) -> list[float | None]:
+        """A list metric of the final evaluation (``class_acc``, ``client_acc``), nulls as None."""
+        return _float_list(self._view(self.final_eval or {}, predictor).get(key))
+
+    def final_mapping(self, key: str, predictor: str | None = None) -> dict[str, float | None]:
+        """A mapping metric of the final evaluation (``group_acc``, ``hmt_acc``), nulls as None."""
+        return _float_map(self._view(self.final_eval or {}, predictor).get(key))
+
+    def client_acc_mean(self, predictor: str | None = None) -> float | None:
+        """Mean personalized client accuracy: ``client_acc_mean``, else the mean of ``client_acc``."""
+        mean = self.final_value("client_acc_mean", predictor)
+        if mean is not None:
+            return mean
+        accs = [a for a in self.final_list("client_acc", predictor) if a is not None]
+        return sum(accs) / len(accs) if accs else None
+
+    @property
+    def best(self) -> tuple[float, int] | None:
+        """Best test accuracy over the eval rounds and the round it was reached (first on ties)."""
+        rounds, accs = self.series("test_acc")
+        if not accs:
+            return None
+        i = max(range(len(accs)), key=lambda j: (accs[j], -j))
+        return accs[i], rounds[i]
+
+    @property
+    def final_ood(self) -> dict[str, dict[str, float | None]]:
+        """OOD metrics of the final evaluation: ``{set name: {metric: value}}`` (empty if none)."""
+        ood = (self.final_eval or {}).get("ood")
+        if not isinstance(ood, Mapping):
+            return {}
+        return {str(k): _float_map(v) for k, v in ood.items() if isinstance(v, Mapping)}
+
+    @property
+    def rounds_done(self) -> int | None:
+        """Rounds completed: summary.json's ``rounds``, else the last metric line's round."""
+        done = (self.summary or {}).get("rounds")
+        if isinstance(done, int) and not isinstance(done, bool):
+            return done
+        rounds = [r["round"] for r in self.records if isinstance(r.get("round"), int)]
+        return max(rounds) if rounds else None
+
+    @property
+    def rounds_planned(self) -> int | None:
+        """Rounds the config asked for, or None."""
+        planned = (self.config or {}).get("rounds")
+        return planned if isinstance(planned, int) and not isinstance(planned, bool) else None
+
+    @property
+    def wall_time_s(self) -> float | None:
+        """Wall time: summary.json's ``wall_time_s``, else the last metric line's ``time_s``."""
+        wall = as_float((self.summary or {}).get("wall_time_s"))
+        if wall is not None:
+            return wall
+        times = [t for t in (as_float(r.get("time_s")) for r in self.records) if t is not None]
+        return times[-1] if times else None
+
+    # --- partition ----------------------------------------------------------
+
+    @property
+    def class_counts(self) -> list[float | None]:
+        """Training examples per class (empty without partition.json)."""
+        return _float_list((self.partition or {}).get("class_counts"))
+
+    @property
+    def label_hist(self) -> list[list[float]]:
+        """Per-client class counts (rows: clients), nulls as 0; empty without partition.json."""
+        hist = (self.partition or {}).get("label_hist")
+        if not isinstance(hist, list):
+            return []
+        return [[v or 0.0 for v in _float_list(row)] for row in hist if isinstance(row, list)]
+
+
+def _opt_str(value: Any) -> str | None:
+    """``str(value)``, or None for None."""
+    return None if value is None else str(value)
+
+
+# --- loading -----------------------------------------------------------------
+
+
+def _read_text(path: Path, notes: list[str], missing_note: str) -> str | None:
+    """The file's text, or None with a note when it is missing or unreadable."""
+    if not path.is_file():
+        notes.append(f"{path.name} is missing: {missing_note}")
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        notes.append(f"{path.name} could not be read ({err})")
+        return None
+
+
+def _read_mapping(path: Path, notes: list[str], missing_note: str) -> dict[str, Any] | None:
+    """A YAML or JSON file whose top level is a mapping, or None with a note."""
+    text = _read_text(path, notes, missing_note)
+    if text is None:
+        return None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as err:
+        notes.append(f"{path.name} is not valid {path.suffix.lstrip('.').upper()}: {str(err).splitlines()[0]}")
+        return None
+    if not isinstance(data, dict):
+        notes.append(f"{path.name} does not hold a mapping; ignored")
+        return None
+    return data
+
+
+def _read_metrics(path: Path, notes: list[str]) -> list[dict[str, Any]]:
+    """The JSON objects of metrics.jsonl; lines that do not parse are skipped with a note."""
+    text = _read_text(path, notes, "no metrics were recorded (the run may have stopped before its first round)")
+    if text is None:
+        return []
+    records: list[dict[str, Any]] = []
+    bad: list[int] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            bad.append(lineno)
+    if bad:
+        where = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        notes.append(
+            f"skipped {len(bad)} unreadable line(s) of {path.name} (line {where}; "
+            "a killed run leaves its last line truncated)"
+        )
+    if not records and not bad:
+        notes.append(f"{path.name} is empty: no metrics were recorded yet")
+    elif records and not any("test_acc" in r for r in records):
+        notes.append(f"{path.name} has no evaluation round yet: no accuracy to show")
+    return records
+
+
+def load_run(run_dir: Path | str) -> RunData:
+    """Read a run directory; missing or malformed files become notes, never exceptions."""
+    path = Path(run_dir).resolve()
+    notes: list[str] = []
+    config = _read_mapping(path / CONFIG_FILE, notes, "the run's settings are unknown")
+    records = _read_metrics(path / METRICS_FILE, notes)
+    partition = _read_mapping(path / PARTITION_FILE, notes, "no partition histogram")
+    unfinished = "the run did not finish (final numbers come from metrics.jsonl)"
+    summary = _read_mapping(path / SUMMARY_FILE, notes, unfinished)
+    return RunData(path, config, records, partition, summary, notes)
+
+
+# --- writing -----------------------------------------------------------------
+
+
+def default_report_path(run_dirs: Sequence[Path]) -> Path:
+    """``<run>/report.html`` for one run; ``<parent of first run>/report-<n>runs.html`` for several."""
+    first = Path(run_dirs[0]).resolve()
+    if len(run_dirs) == 1:
+        return first / "report.html"
+    return first.parent / f"report-{len(run_dirs)}runs.html"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, so a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_report(run_dirs: Sequence[Path | str], out: Path | str | None = None) -> Path:
+    """Write the HTML report of one or several runs and return its path.
+
+    Args:
+        run_dirs: run directories, shown in this order (the first one sets the
+            default location).
+        out: the HTML file to write; default :func:`default_report_path`.
+            The plots are also saved as PNGs in ``report_files/`` beside it.
+
+    Raises:
+        FedTrustError: ``run_dirs`` is empty or names something that is not a
+            directory. Missing or broken files inside a run are not errors:
+            the report says what is missing.
+    """
+    # Imported here: matplotlib loads only when a report is actually written.
+    from fedtrust.report.html import render_html
+    from fedtrust.report.plots import make_plots
+
+    paths = [Path(p) for p in run_dirs]
+    if not paths:
+        raise FedTrustError("write_report needs at least one run directory")
+    for path in paths:
+        if not path.is_dir():
+            raise FedTrustError(f"run directory '{path}' does not exist or is not a directory")
+    runs = [load_run(p) for p in paths]
+    out_path = Path(out) if out is not None else default_report_path(paths)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    plots = make_plots(runs)
+    assets = out_path.parent / ASSETS_DIR
+    if plots:
+        assets.mkdir(exist_ok=True)
+    png_names = {}
+    for plot in plots:
+        png_names[plot.key] = f"{ASSETS_DIR}/{out_path.stem}-{plot.key}.png"
+        _write_atomic(out_path.parent / png_names[plot.key], plot.png)
+    page = render_html(runs, plots, png_names)
+    _write_atomic(out_path, page.encode("utf-8"))
+    return out_path

@@ -1,0 +1,1 @@
+"""Running jobs: config schema, run directory, checkpoints, callbacks."""

@@ -1,0 +1,304 @@
+"""The run configuration: one YAML file plus ``key=value`` overrides, validated by a schema.
+
+Precedence is CLI overrides > file > defaults. Every section is a frozen
+pydantic model with ``extra="forbid"``; components named in the config
+(algorithm, objective, model, partitioner, data set) validate their own
+parameters. Any error is a one-line :class:`~fedtrust.errors.ConfigError`
+that names the key and what is valid.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedtrust.data.augment import AUGMENTATIONS
+from fedtrust.errors import ConfigError
+from fedtrust.registry import get, names
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Named(BaseModel):
+    """A section naming a registered component; its other keys are that component's params."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class DataConfig(Section):
+    dataset: str = Field("digits", description="registered data set (`fedtrust list`)")
+    root: str | None = Field(None, description="data directory for file-based sets; null: $FEDTRUST_DATA, else ./data")
+    num_clients: int = Field(20, ge=1, description="number of clients the training set is split into")
+    clients_per_round: int | float = Field(
+        10, description="clients sampled per round: an int is a count, a float in (0, 1] a fraction")
+    partition: str = Field("dirichlet", description="partitioner: iid, dirichlet, shards")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (partition=dirichlet)")
+    min_size: int = Field(10, ge=0, description="minimum samples per client (partition=dirichlet)")
+    classes_per_client: int = Field(2, ge=1, description="label shards per client (partition=shards)")
+    imbalance_ratio: float = Field(1.0, ge=1.0, description="long-tail n_max/n_min of the training set (1 = as is)")
+    augment: str = Field("auto", description="training augmentation: auto (the data set's default), none, flip, crop, crop_flip")
+    partition_seed: int | None = Field(None, description="seed of the partition (null: the run seed)")
+
+    @field_validator("clients_per_round")
+    @classmethod
+    def _cpr(cls, v: int | float) -> int | float:
+        if isinstance(v, float) and not 0 < v <= 1:
+            raise ValueError("a float is a fraction and must lie in (0, 1]; use an int for a count")
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("augment")
+    @classmethod
+    def _augment(cls, v: str) -> str:
+        if v != "auto" and v not in AUGMENTATIONS:
+            raise ValueError(f"unknown augmentation; valid: auto, {', '.join(AUGMENTATIONS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _names(self) -> "DataConfig":
+        get("dataset", self.dataset)
+        get("partitioner", self.partition)
+        if isinstance(self.clients_per_round, int) and self.clients_per_round > self.num_clients:
+            raise ConfigError(f"config key 'data.clients_per_round': {self.clients_per_round} exceeds "
+                              f"data.num_clients={self.num_clients}")
+        return self
+
+
+class ModelConfig(Named):
+    name: str = Field("cnn", description="registered model; other keys are the builder's keyword arguments")
+
+    @model_validator(mode="after")
+    def _kwargs(self) -> "ModelConfig":
+        builder = get("model", self.name)
+        _check_kwargs("model", self.name, builder, self.params(),
+                      skip={"num_classes", "in_shape"})
+        return self
+
+
+class AlgorithmConfig(Named):
+    name: str = Field("fedavg", description="registered algorithm; other keys are its params")
+
+    @model_validator(mode="after")
+    def _params(self) -> "AlgorithmConfig":
+        _check_params("algorithm", self.name, get("algorithm", self.name).Params, self.params())
+        return self
+
+
+class ObjectiveConfig(Named):
+    name: str = Field("ce", description="registered local objective; other keys are its params")
+
+    @model_validator(mode="after")
+    def _params(self) -> "ObjectiveConfig":
+        _check_params("objective", self.name, get("objective", self.name).Params, self.params())
+        return self
+
+
+class TrainConfig(Section):
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="client optimizer, rebuilt each round")
+    lr: float = Field(0.05, gt=0, description="client learning rate (round 1, before the schedule)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    nesterov: bool = Field(False, description="SGD Nesterov momentum")
+    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay of the client optimizer")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas")
+    epochs: int = Field(1, ge=1, description="local epochs per round")
+    steps: int | None = Field(None, ge=1, description="local steps per round; overrides epochs when set")
+    batch_size: int = Field(16, ge=1, description="local minibatch size")
+    lr_schedule: Literal["constant", "cosine", "step", "exponential"] = Field(
+        "constant", description="learning-rate schedule across rounds")
+    lr_min: float = Field(0.0, ge=0, description="final lr of the cosine schedule")
+    lr_step_rounds: int = Field(10, ge=1, description="rounds between decays (step)")
+    lr_gamma: float = Field(0.1, gt=0, le=1, description="decay factor (step: per lr_step_rounds; exponential: per round)")
+
+    @model_validator(mode="after")
+    def _nesterov(self) -> "TrainConfig":
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise ValueError("nesterov needs optimizer=sgd and momentum > 0")
+        return self
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("Adam betas must lie in [0, 1)")
+        return v
+
+
+class EvalConfig(Section):
+    every: int = Field(5, ge=1, description="evaluate every N rounds (and always after the last)")
+    batch_size: int = Field(1024, ge=1, description="evaluation batch size")
+    personalized: bool = Field(True, description="also evaluate each client on its label-matched local test set")
+
+
+class RunConfig(Section):
+    seed: int = Field(0, ge=0, description="seed of everything: init, partition, sampling, batches")
+    rounds: int = Field(30, ge=1, description="communication rounds")
+    executor: Literal["sequential"] = Field("sequential", description="how clients run: sequential")
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:N, or auto")
+    out: str | None = Field(None, description="run directory; null: a new folder under runs/")
+    checkpoint_every: int = Field(1, ge=0, description="checkpoint every N rounds (0: only at the end)")
+    data: DataConfig = Field(default_factory=DataConfig, description="data set, long tail and partition")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="architecture")
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig, description="federated algorithm")
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig, description="local training objective")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="client optimizer and local schedule")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"cpu|auto|cuda(:\d+)?|mps", v):
+            raise ValueError("valid: cpu, cuda, cuda:N, mps, auto")
+        return v
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _check_params(kind: str, name: str, params_model: type[BaseModel], params: dict[str, Any]) -> None:
+    try:
+        params_model(**params)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            valid = ", ".join(["name", *params_model.model_fields]) or "name"
+            raise ConfigError(f"unknown config key '{kind}.{key}' for {kind} {name!r}; valid: {valid}") from None
+        raise ConfigError(f"config key '{kind}.{key}': {err['msg']} (got {err.get('input')!r})") from None
+
+
+def _check_kwargs(kind: str, name: str, builder: Any, kwargs: dict[str, Any], skip: set[str]) -> None:
+    sig = inspect.signature(builder)
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        accepted = None
+    else:
+        accepted = [p for p in sig.parameters if p not in skip]
+    for key in kwargs:
+        if key in skip or (accepted is not None and key not in accepted):
+            valid = ", ".join(["name", *(accepted or [])])
+            raise ConfigError(f"unknown config key '{kind}.{key}' for {kind} {name!r}; valid: {valid}")
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names of the section that ``loc`` points into."""
+    current: Any = model
+    for part in loc[:-1]:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            break
+        current = field.annotation
+    return list(getattr(current, "model_fields", {}))
+
+
+def format_validation_error(e: ValidationError, root: type[BaseModel] = RunConfig) -> str:
+    """One line for the first error of a pydantic ValidationError."""
+    err = e.errors()[0]
+    loc = tuple(p for p in err["loc"] if not isinstance(p, int) or True)
+    key = ".".join(str(p) for p in loc)
+    if err["type"] == "extra_forbidden":
+        section = ".".join(str(p) for p in loc[:-1]) or "top level"
+        return f"unknown config key '{key}'; valid keys at {section}: {', '.join(_valid_keys(root, loc))}"
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    return f"config key '{key}': {msg} (got {got!r})" if key else f"config: {msg}"
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """``set_dotted(t, "data.alpha", 0.1)`` sets ``t["data"]["alpha"]``."""
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"override key {key!r} is malformed; expected dotted names like data.alpha=0.1")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {key!r}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"data.alpha=0.1"`` → ``("data.alpha", 0.1)``; the value is read as YAML (numbers, bools, lists)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value (e.g. rounds=10, data.alpha=0.1)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file; a missing or malformed file is a one-line error."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found; expected a YAML file (see configs/)")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def build_config(tree: dict[str, Any] | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Validate a config tree (from YAML) plus ``key=value`` overrides into a :class:`RunConfig`."""
+    tree = _deep_copy(tree or {})
+    for item in overrides or []:
+        key, value = parse_override(item)
+        set_dotted(tree, key, value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved config as plain data (what ``config.yaml`` holds)."""
+    return cfg.model_dump(mode="json")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """File (optional) + overrides → validated config."""
+    return build_config(load_yaml(path) if path else {}, overrides)
+
+
+def _deep_copy(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _deep_copy(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_deep_copy(v) for v in tree]
+    return tree
+
+
+def section_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, description) of every schema key, for the README's config reference."""
+    rows = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        key = f"{prefix}{name}"
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.append((key, None, field.description or ""))
+            rows.extend(section_fields(ann, key + "."))
+        else:
+            rows.append((key, field.default, field.description or ""))
+    return rows
+
+
+__all__ = ["RunConfig", "build_config", "load_config", "config_to_dict", "names"]

@@ -1,0 +1,132 @@
+"""Build everything a run needs from a validated config: data, partition, model, algorithm.
+
+This is the only place that turns config sections into objects; below it,
+functions take typed arguments (STYLE.md, "Config is parsed once").
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedtrust.data.augment import normalize
+from fedtrust.data.datasets import load_dataset
+from fedtrust.data.longtail import cumulative_groups, make_longtail, shot_groups
+from fedtrust.data.partition import partition, partition_stats
+from fedtrust.data.types import Dataset
+from fedtrust.errors import ConfigError
+from fedtrust.fl.context import AlgorithmContext, LocalSchedule
+from fedtrust.fl.evaluate import EvalSetup
+from fedtrust.fl.executor import ClientData, Executor, SequentialExecutor
+from fedtrust.fl.protocol import Algorithm, OptimizerSpec
+from fedtrust.fl.sampling import clients_per_round
+from fedtrust.fl.schedule import lr_at
+from fedtrust.metrics.accuracy import local_test_indices
+from fedtrust.models import create_model
+from fedtrust.objectives import build_objective
+from fedtrust.registry import get
+from fedtrust.runner.config import RunConfig
+
+_LOCAL_TEST_STREAM = 3
+EXECUTORS: dict[str, type[Executor]] = {"sequential": SequentialExecutor}
+
+
+@dataclass
+class Federation:
+    """A run's assembled parts."""
+
+    config: RunConfig
+    dataset: Dataset
+    data: ClientData
+    partition: dict[str, Any]
+    algorithm: Algorithm
+    executor: Executor
+    eval_setup: EvalSetup
+    device: torch.device
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; an unavailable device is a one-line error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"config key 'device': {name!r} requested but CUDA is not available; use device=cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("config key 'device': 'mps' requested but not available; use device=cpu")
+    return torch.device(name)
+
+
+def resolve_data_root(root: str | None) -> Path:
+    """``data.root``, else ``$FEDTRUST_DATA``, else ``./data``."""
+    return Path(root or os.environ.get("FEDTRUST_DATA") or "data")
+
+
+def build_partition(cfg: RunConfig, labels: np.ndarray) -> list[np.ndarray]:
+    """Split the (possibly long-tailed) training labels over the clients."""
+    d = cfg.data
+    fn = get("partitioner", d.partition)
+    accepted = set(inspect.signature(fn).parameters)
+    params = {k: getattr(d, k) for k in ("alpha", "min_size", "classes_per_client") if k in accepted}
+    seed = d.partition_seed if d.partition_seed is not None else cfg.seed
+    return partition(labels, d.partition, d.num_clients, seed, **params)
+
+
+def build_federation(cfg: RunConfig) -> Federation:
+    """Load data, make it long-tailed if asked, partition it, and build the algorithm and executor."""
+    device = resolve_device(cfg.device)
+    dataset = load_dataset(cfg.data.dataset, resolve_data_root(cfg.data.root))
+    train = dataset.train
+    if cfg.data.imbalance_ratio > 1:
+        keep = make_longtail(train.y.numpy(), dataset.num_classes, cfg.data.imbalance_ratio)
+        train = train.subset(torch.from_numpy(keep))
+    labels = train.y.numpy()
+    parts = build_partition(cfg, labels)
+    stats = partition_stats(parts, labels, dataset.num_classes)
+    class_counts = np.asarray(stats["class_counts"])
+    stats.update(partition=cfg.data.partition, groups=shot_groups(class_counts),
+                 hmt=cumulative_groups(class_counts))
+
+    train, test = train.to(device), dataset.test.to(device)
+    data = ClientData(train, [torch.from_numpy(p).to(device) for p in parts])
+    norm = functools.partial(normalize, mean=dataset.mean, std=dataset.std)
+    local_test = None
+    if cfg.eval.personalized:
+        rng = np.random.default_rng([cfg.seed, _LOCAL_TEST_STREAM])
+        local = local_test_indices(np.asarray(stats["label_hist"]), test.y.cpu().numpy(), rng)
+        local_test = [torch.from_numpy(i).to(device) for i in local]
+    eval_setup = EvalSetup(test, norm, stats["groups"], stats["hmt"], local_test, cfg.eval.batch_size)
+
+    algorithm = build_algorithm(cfg, dataset, torch.as_tensor(class_counts), norm, device)
+    k = clients_per_round(cfg.data.clients_per_round, cfg.data.num_clients)
+    executor = EXECUTORS[cfg.executor](algorithm, data, cfg.seed, device, k)
+    return Federation(cfg, dataset, data, stats, algorithm, executor, eval_setup, device)
+
+
+def build_algorithm(cfg: RunConfig, dataset: Dataset, class_counts: torch.Tensor, norm: Any,
+                    device: torch.device) -> Algorithm:
+    """The configured algorithm with its context (model factory, objective, schedule)."""
+    t = cfg.train
+    model_kwargs = cfg.model.params()
+
+    def new_model() -> torch.nn.Module:
+        return create_model(cfg.model.name, dataset.num_classes, dataset.shape, **model_kwargs)
+
+    augment = dataset.augment if cfg.data.augment == "auto" else cfg.data.augment
+    schedule = LocalSchedule(
+        optimizer=OptimizerSpec(name=t.optimizer, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+                                nesterov=t.nesterov, betas=tuple(t.betas)),
+        batch_size=t.batch_size, epochs=t.epochs, steps=t.steps, augment=augment)
+    lr = functools.partial(lr_at, rounds=cfg.rounds, base=t.lr, schedule=t.lr_schedule, lr_min=t.lr_min,
+                           step_rounds=t.lr_step_rounds, gamma=t.lr_gamma)
+    objective = build_objective(cfg.objective.name, cfg.objective.params(), dataset.num_classes, class_counts)
+    ctx = AlgorithmContext(new_model=new_model, num_classes=dataset.num_classes, class_counts=class_counts,
+                           objective=objective, schedule=schedule, lr=lr, normalize=norm, device=device)
+    cls = get("algorithm", cfg.algorithm.name)
+    return cls(cls.Params(**cfg.algorithm.params()), ctx)

@@ -1,0 +1,142 @@
+"""``fedtrust.run(config)``: one federated run, start to finish, as a run directory.
+
+The CLI is a thin layer over :func:`run`. A run writes ``config.yaml``,
+``partition.json``, ``metrics.jsonl`` (a line per round), atomic checkpoints,
+``summary.json`` and ``report.html``. ``resume=RUN_DIR`` continues an
+interrupted run and ends with exactly the metrics and weights of an
+uninterrupted one on CPU.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from fedtrust.errors import CheckpointError
+from fedtrust.fl.executor import ClientStore
+from fedtrust.fl.protocol import Message
+from fedtrust.runner import rundir
+from fedtrust.runner.callbacks import Checkpointer, Evaluator, MetricsLogger, ProgressBar
+from fedtrust.runner.checkpoint import config_mismatch, load_checkpoint
+from fedtrust.runner.config import RunConfig, build_config, config_to_dict, load_config, load_yaml
+from fedtrust.runner.federation import build_federation
+
+
+@dataclass
+class RunResult:
+    """What a finished run returns: where it lives, its final metrics, and the final server state."""
+
+    run_dir: Path
+    summary: dict[str, Any]
+    state: Message
+    config: RunConfig
+    report: Path | None = None
+
+
+def _as_config(config: RunConfig | dict | str | Path | None, overrides: list[str] | None) -> RunConfig:
+    if isinstance(config, RunConfig):
+        return build_config(config_to_dict(config), overrides) if overrides else config
+    if isinstance(config, dict):
+        return build_config(config, overrides)
+    return load_config(config, overrides)
+
+
+def run(config: RunConfig | dict | str | Path | None = None, overrides: list[str] | None = None, *,
+        resume: str | Path | None = None, console: Console | None = None, progress: bool = True,
+        report: bool = True) -> RunResult:
+    """Run (or resume) a federated training job and return its :class:`RunResult`.
+
+    ``config`` is a :class:`RunConfig`, a plain dict, a YAML path, or None for
+    the defaults (FedAvg on bundled digits); ``overrides`` are ``key=value``
+    strings. With ``resume``, the config defaults to the run's ``config.yaml``
+    and must match the checkpoint's (except ``out``).
+    """
+    console = console or Console(quiet=not progress)
+    if resume is not None:
+        run_dir = Path(resume)
+        if config is None:
+            if not (run_dir / rundir.CONFIG).is_file():
+                raise CheckpointError(f"{str(run_dir)!r} is not a run directory (no {rundir.CONFIG})")
+            config = load_yaml(run_dir / rundir.CONFIG)
+        cfg = _as_config(config, (overrides or []) + [f"out={run_dir}"])
+        ckpt = load_checkpoint(run_dir)
+        diffs = config_mismatch(ckpt.config, config_to_dict(cfg))
+        if diffs:
+            raise CheckpointError(f"checkpoint in {str(run_dir)!r} was made with a different config: {'; '.join(diffs)}")
+    else:
+        cfg = _as_config(config, overrides)
+        ckpt = None
+
+    fed = build_federation(cfg)
+    resolved = config_to_dict(cfg)
+    if ckpt is None:
+        run_dir = rundir.new_run_dir(cfg.out, f"{cfg.algorithm.name}-{cfg.data.dataset}")
+        resolved["out"] = str(run_dir)
+        rundir.write_config(run_dir, resolved)
+        torch.manual_seed(cfg.seed)
+        state, store, start, offset = fed.algorithm.init(), ClientStore(), 0, 0.0
+    else:
+        kept = rundir.truncate_metrics(run_dir, ckpt.round)
+        state, store, start = ckpt.state, ckpt.store, ckpt.round
+        offset = kept[-1]["time_s"] if kept else 0.0
+        console.print(f"resuming {run_dir} after round {start}")
+    rundir.write_json(run_dir / rundir.PARTITION, fed.partition)
+
+    evaluator = Evaluator(fed.algorithm, fed.eval_setup, cfg.eval.every, cfg.rounds)
+    callbacks = [evaluator, MetricsLogger(run_dir, offset),
+                 Checkpointer(run_dir, config_to_dict(cfg), cfg.checkpoint_every, cfg.rounds)]
+    if progress:
+        callbacks.append(ProgressBar(console, f"{cfg.algorithm.name} on {cfg.data.dataset} ({fed.executor.name})"))
+    console.print(f"fedtrust: {cfg.algorithm.name} on {cfg.data.dataset}, {cfg.data.num_clients} clients, "
+                  f"executor {fed.executor.name}, device {fed.device}, run dir {run_dir}")
+    t0 = time.perf_counter()
+    state = fed.executor.run(state, store, start, cfg.rounds, callbacks)
+
+    summary = _summary(run_dir, cfg, fed.executor.name, offset + time.perf_counter() - t0)
+    rundir.write_json(run_dir / rundir.SUMMARY, summary)
+    report_path = None
+    if report:
+        from fedtrust.report import write_report
+
+        report_path = write_report([run_dir])
+    _print_summary(console, summary, run_dir, report_path)
+    return RunResult(run_dir, summary, state, cfg, report_path)
+
+
+def _summary(run_dir: Path, cfg: RunConfig, executor: str, wall: float) -> dict[str, Any]:
+    records = rundir.read_metrics(run_dir)
+    evals = [r for r in records if "test_acc" in r]
+    final = dict(evals[-1]) if evals else {}
+    final.pop("time_s", None)
+    final.update(rounds=cfg.rounds, wall_time_s=wall, executor=executor, algorithm=cfg.algorithm.name,
+                 dataset=cfg.data.dataset, best_test_acc=max((r["test_acc"] for r in evals), default=None),
+                 run_dir=str(run_dir))
+    return final
+
+
+def _print_summary(console: Console, s: dict[str, Any], run_dir: Path, report: Path | None) -> None:
+    table = Table(title=f"{s['algorithm']} on {s['dataset']}: final metrics (round {s.get('round', '?')})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+
+    def fmt(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    for key in ("test_acc", "best_test_acc", "test_loss", "client_acc_mean"):
+        if key in s:
+            table.add_row(key, fmt(s[key]))
+    for group in ("group_acc", "hmt_acc"):
+        for k, v in (s.get(group) or {}).items():
+            table.add_row(f"{group}.{k}", fmt(v))
+    table.add_row("wall_time_s", f"{s['wall_time_s']:.1f}")
+    table.add_row("executor", s["executor"])
+    console.print(table)
+    console.print(f"run directory: {run_dir}")
+    if report is not None:
+        console.print(f"report: {report}")
