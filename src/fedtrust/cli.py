@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fedtrust.errors import FedTrustError
 
-LIST_KINDS = ("algorithm", "objective", "dataset", "partitioner", "model")
+LIST_KINDS = ("algorithm", "objective", "dataset", "partitioner", "model", "executor")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

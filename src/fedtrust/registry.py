@@ -32,6 +32,7 @@ _PROVIDERS: tuple[str, ...] = (
     "fedtrust.models",
     "fedtrust.algorithms",
     "fedtrust.objectives",
+    "fedtrust.fl.executor",
 )
 _loaded = False
 

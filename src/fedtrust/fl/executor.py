@@ -17,6 +17,7 @@ import torch
 from fedtrust.data.types import ImageSet
 from fedtrust.fl.protocol import Algorithm, ClientContext, Message
 from fedtrust.fl.sampling import client_generator, sample_clients
+from fedtrust.registry import register
 
 
 class ClientStore:
@@ -119,6 +120,7 @@ class Executor:
         return state
 
 
+@register("executor", "sequential")
 class SequentialExecutor(Executor):
     """The reference executor: one client after another, in client-id order."""
 

@@ -32,6 +32,11 @@ class Objective:
         self.num_classes = num_classes
         self.class_counts = class_counts
 
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        """The model this objective trains: by default ``model`` itself; an objective that needs
+        extra trainable modules (e.g. RNA's projection head) returns a wrapper holding them."""
+        return model
+
     def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         raise NotImplementedError
 

@@ -115,7 +115,7 @@ class TrainConfig(Section):
     steps: int | None = Field(None, ge=1, description="local steps per round; overrides epochs when set")
     batch_size: int = Field(16, ge=1, description="local minibatch size")
     lr_schedule: Literal["constant", "cosine", "step", "exponential"] = Field(
-        "constant", description="learning-rate schedule across rounds")
+        "cosine", description="learning-rate schedule across rounds")
     lr_min: float = Field(0.0, ge=0, description="final lr of the cosine schedule")
     lr_step_rounds: int = Field(10, ge=1, description="rounds between decays (step)")
     lr_gamma: float = Field(0.1, gt=0, le=1, description="decay factor (step: per lr_step_rounds; exponential: per round)")
@@ -143,7 +143,7 @@ class EvalConfig(Section):
 class RunConfig(Section):
     seed: int = Field(0, ge=0, description="seed of everything: init, partition, sampling, batches")
     rounds: int = Field(30, ge=1, description="communication rounds")
-    executor: Literal["sequential"] = Field("sequential", description="how clients run: sequential")
+    executor: str = Field("sequential", description="how clients run (`fedtrust list executor`)")
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:N, or auto")
     out: str | None = Field(None, description="run directory; null: a new folder under runs/")
     checkpoint_every: int = Field(1, ge=0, description="checkpoint every N rounds (0: only at the end)")
@@ -153,6 +153,12 @@ class RunConfig(Section):
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig, description="local training objective")
     train: TrainConfig = Field(default_factory=TrainConfig, description="client optimizer and local schedule")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
+
+    @field_validator("executor")
+    @classmethod
+    def _executor(cls, v: str) -> str:
+        get("executor", v)
+        return v
 
     @field_validator("device")
     @classmethod

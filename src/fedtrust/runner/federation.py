@@ -24,7 +24,7 @@ from fedtrust.data.types import Dataset
 from fedtrust.errors import ConfigError
 from fedtrust.fl.context import AlgorithmContext, LocalSchedule
 from fedtrust.fl.evaluate import EvalSetup
-from fedtrust.fl.executor import ClientData, Executor, SequentialExecutor
+from fedtrust.fl.executor import ClientData, Executor
 from fedtrust.fl.protocol import Algorithm, OptimizerSpec
 from fedtrust.fl.sampling import clients_per_round
 from fedtrust.fl.schedule import lr_at
@@ -35,7 +35,6 @@ from fedtrust.registry import get
 from fedtrust.runner.config import RunConfig
 
 _LOCAL_TEST_STREAM = 3
-EXECUTORS: dict[str, type[Executor]] = {"sequential": SequentialExecutor}
 
 
 @dataclass
@@ -105,7 +104,7 @@ def build_federation(cfg: RunConfig) -> Federation:
 
     algorithm = build_algorithm(cfg, dataset, torch.as_tensor(class_counts), norm, device)
     k = clients_per_round(cfg.data.clients_per_round, cfg.data.num_clients)
-    executor = EXECUTORS[cfg.executor](algorithm, data, cfg.seed, device, k)
+    executor = get("executor", cfg.executor)(algorithm, data, cfg.seed, device, k)
     return Federation(cfg, dataset, data, stats, algorithm, executor, eval_setup, device)
 
 
@@ -115,8 +114,10 @@ def build_algorithm(cfg: RunConfig, dataset: Dataset, class_counts: torch.Tensor
     t = cfg.train
     model_kwargs = cfg.model.params()
 
+    objective = build_objective(cfg.objective.name, cfg.objective.params(), dataset.num_classes, class_counts)
+
     def new_model() -> torch.nn.Module:
-        return create_model(cfg.model.name, dataset.num_classes, dataset.shape, **model_kwargs)
+        return objective.wrap_model(create_model(cfg.model.name, dataset.num_classes, dataset.shape, **model_kwargs))
 
     augment = dataset.augment if cfg.data.augment == "auto" else cfg.data.augment
     schedule = LocalSchedule(
@@ -125,7 +126,6 @@ def build_algorithm(cfg: RunConfig, dataset: Dataset, class_counts: torch.Tensor
         batch_size=t.batch_size, epochs=t.epochs, steps=t.steps, augment=augment)
     lr = functools.partial(lr_at, rounds=cfg.rounds, base=t.lr, schedule=t.lr_schedule, lr_min=t.lr_min,
                            step_rounds=t.lr_step_rounds, gamma=t.lr_gamma)
-    objective = build_objective(cfg.objective.name, cfg.objective.params(), dataset.num_classes, class_counts)
     ctx = AlgorithmContext(new_model=new_model, num_classes=dataset.num_classes, class_counts=class_counts,
                            objective=objective, schedule=schedule, lr=lr, normalize=norm, device=device)
     cls = get("algorithm", cfg.algorithm.name)
