@@ -33,6 +33,7 @@ _PROVIDERS: tuple[str, ...] = (
     "fedtrust.algorithms",
     "fedtrust.objectives",
     "fedtrust.fl.executor",
+    "fedtrust.fl.vectorized",
 )
 _loaded = False
 

@@ -36,3 +36,20 @@ def test_mismatched_shapes_and_missing_weight():
     bad = Message({"model/w": torch.tensor([1.0]), "model/n": torch.tensor(0)}, {})
     with pytest.raises(FedTrustError, match="client 3"):
         weighted_mean({0: msg([1.0], 1), 3: bad}, "model/")
+
+
+def test_pooled_bn_moments_equal_the_statistics_of_the_union():
+    from fedtrust.fl.aggregate import pool_bn_moments
+
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(30, 4, generator=g) * 2 + 3, torch.randn(10, 4, generator=g) - 1]
+    replies = {}
+    for k, feats in enumerate(parts):
+        arrays = {"model/bn.running_mean": feats.mean(0), "model/bn.running_var": feats.var(0, unbiased=False)}
+        replies[k] = Message(arrays, {"num_examples": len(feats)})
+    pooled = pool_bn_moments(replies, weighted_mean(replies, "model/"))
+    union = torch.cat(parts)
+    assert torch.allclose(pooled["model/bn.running_mean"], union.mean(0), atol=1e-5)
+    assert torch.allclose(pooled["model/bn.running_var"], union.var(0, unbiased=False), atol=1e-5)
+    naive = weighted_mean(replies, "model/")["model/bn.running_var"]
+    assert not torch.allclose(naive, union.var(0, unbiased=False), atol=1e-2)  # averaging variances is wrong

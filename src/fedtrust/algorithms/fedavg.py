@@ -9,7 +9,11 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fedtrust.fl.aggregate import weighted_mean
+from typing import Literal
+
+from pydantic import Field
+
+from fedtrust.fl.aggregate import pool_bn_moments, weighted_mean
 from fedtrust.fl.protocol import Algorithm, Batch, LocalTraining, Message
 from fedtrust.registry import register
 
@@ -20,6 +24,11 @@ class FedAvg(Algorithm):
 
     name = "fedavg"
 
+    class Params(Algorithm.Params):
+        bn_aggregation: Literal["mean", "pooled"] = Field(
+            "mean", description="BN running statistics: sample-weighted mean (FedAvg), or pooled moments "
+                                "(variance of the union, spec rna.md §8)")
+
     def local_loss(self, model, params: dict[str, Tensor], batch: Batch, ref: dict[str, Tensor]) -> Tensor:
         """The client's loss: the configured objective (FedProx adds its proximal term)."""
         return self.ctx.objective(model, batch)
@@ -28,10 +37,20 @@ class FedAvg(Algorithm):
         """Constant tensors the local loss needs (none for FedAvg)."""
         return {}
 
+    def configure(self, state: Message, round: int, clients: list[int]) -> dict[int, Message]:
+        """The global model and lr (base class), plus each client's outlier share when the objective needs one."""
+        messages = super().configure(state, round, clients)
+        shares = self.ctx.outlier_shares(round, clients) if self.ctx.objective.needs_outliers else {}
+        for c, share in shares.items():
+            messages[c] = Message(arrays=messages[c].arrays | {"outliers/x": share}, meta=messages[c].meta)
+        return messages
+
     def local_training(self, message: Message, client_state: Message) -> LocalTraining:
         model = self.template
         sched = self.ctx.schedule
         return LocalTraining(
+            views=self.ctx.objective.num_views,
+            outliers=message.arrays.get("outliers/x"),
             model=model,
             init=message.prefixed("model"),
             trainable=tuple(name for name, _ in model.named_parameters()),
@@ -45,4 +64,7 @@ class FedAvg(Algorithm):
         )
 
     def aggregate(self, state: Message, replies: dict[int, Message], round: int) -> Message:
-        return Message(arrays=weighted_mean(replies, "model/"), meta=dict(state.meta))
+        averaged = weighted_mean(replies, "model/")
+        if self.params.bn_aggregation == "pooled":
+            averaged = pool_bn_moments(replies, averaged)
+        return Message(arrays=averaged, meta=dict(state.meta))

@@ -11,7 +11,7 @@ from pydantic import Field
 from torch import Tensor
 
 from fedtrust.algorithms.fedavg import FedAvg
-from fedtrust.fl.protocol import Algorithm, Batch, Message
+from fedtrust.fl.protocol import Batch, Message
 from fedtrust.registry import register
 
 
@@ -21,7 +21,7 @@ class FedProx(FedAvg):
 
     name = "fedprox"
 
-    class Params(Algorithm.Params):
+    class Params(FedAvg.Params):
         mu: float = Field(0.01, ge=0, description="proximal coefficient μ of Eq. (2)")
 
     def local_ref(self, message: Message) -> dict[str, Tensor]:

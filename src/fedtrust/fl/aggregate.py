@@ -59,3 +59,28 @@ def weighted_mean(replies: Mapping[int, Message], prefix: str = "", weight_key: 
         ref = next(iter(replies.values())).arrays[k]
         out[k] = acc.round().to(ref.dtype) if not ref.is_floating_point() else acc.to(ref.dtype)
     return out
+
+
+def pool_bn_moments(replies: Mapping[int, Message], averaged: dict[str, Tensor],
+                    weight_key: str = "num_examples") -> dict[str, Tensor]:
+    """Replace averaged BN variances by the pooled variance of the clients' moments (spec rna.md §8).
+
+    For each BN layer with running mean μ_k and variance σ²_k on client k and
+    weights w_k = n_k / Σn: μ = Σ w_k μ_k and σ² = Σ w_k (σ²_k + μ²_k) − μ², the
+    variance of the union of the clients' feature distributions. Plain
+    averaging of σ²_k ignores the spread of the means between clients, which
+    matters when their data differ (e.g. ID-only vs ID+outlier batches).
+    """
+    weights = reply_weights(replies, weight_key)
+    total = sum(weights.values())
+    out = dict(averaged)
+    for key in averaged:
+        if not key.endswith("running_var"):
+            continue
+        mean_key = key[: -len("running_var")] + "running_mean"
+        if mean_key not in averaged:
+            continue
+        second = sum((weights[c] / total) * (m.arrays[key].double() + m.arrays[mean_key].double() ** 2)
+                     for c, m in replies.items())
+        out[key] = (second - averaged[mean_key].double() ** 2).clamp_min(0).to(averaged[key].dtype)
+    return out

@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -42,6 +43,25 @@ class AlgorithmContext:
     lr: Callable[[int], float]
     normalize: Callable[[Tensor], Tensor]
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    outliers: Tensor | None = None
+    """The server's pool of auxiliary outliers (uint8 images), when the objective needs them."""
+
+    def outlier_shares(self, round: int, clients: list[int]) -> dict[int, Tensor]:
+        """Each sampled client's share of the outlier pool this round (spec rna.md §8, variant A).
+
+        GUESS: the pool is permuted with a generator seeded by (seed, round) and
+        cut into equal disjoint slices, one per sampled client; a client cycles
+        through its slice with a fresh permutation per pass. One client (the
+        centralised case) gets the whole pool, reshuffled each round.
+        """
+        if self.outliers is None:
+            return {}
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, 4, round]).generate_state(1)[0]))
+        perm = torch.randperm(len(self.outliers), generator=g).to(self.outliers.device)
+        size = max(1, len(perm) // max(len(clients), 1))
+        return {c: self.outliers[perm[(i * size) % len(perm):(i * size) % len(perm) + size]]
+                for i, c in enumerate(sorted(clients))}
 
     def optimizer(self, lr: float) -> OptimizerSpec:
         """The configured client optimizer at learning rate ``lr``."""

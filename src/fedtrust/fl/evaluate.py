@@ -64,19 +64,42 @@ def global_metrics(logits: Tensor, y: Tensor, num_classes: int, setup: EvalSetup
     }
 
 
-def client_metrics(correct_of: Callable[[int, str], Tensor | None], num_clients: int,
-                   names: list[str]) -> dict[str, dict[str, Any]]:
-    """Per-client accuracy for every predictor; ``correct_of(k, name)`` is a bool tensor or None."""
+def absent_class_mask(y_local: Tensor, num_classes: int) -> Tensor:
+    """Classes with no image in a client's local test set (spec fedloge.md §5: masked to −∞)."""
+    return torch.bincount(y_local, minlength=num_classes) == 0
+
+
+def client_metrics(logits_of: Callable[[int, str], Tensor | None], local: Sequence[Tensor], y: Tensor,
+                   num_classes: int, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Per-client accuracy for every predictor, without and with the absent-class mask.
+
+    ``logits_of(k, name)`` gives predictor ``name``'s logits on client k's local
+    test set (None when it is empty). The masked variant sets the logits of
+    classes absent from the client's local test distribution to −∞ before the
+    argmax (applied to every method alike, as the issue asks).
+    """
     accs: dict[str, list[float | None]] = {name: [] for name in names}
-    for k in range(num_clients):
+    masked: dict[str, list[float | None]] = {name: [] for name in names}
+    for k, idx in enumerate(local):
+        y_k = y[idx]
+        absent = absent_class_mask(y_k, num_classes)
         for name in names:
-            correct = correct_of(k, name)
-            accs[name].append(float(correct.float().mean()) if correct is not None else None)
-    out = {}
-    for name, values in accs.items():
-        vals = [a for a in values if a is not None]
-        out[name] = {"client_acc": values, "client_acc_mean": sum(vals) / len(vals) if vals else None}
-    return out
+            logits = logits_of(k, name)
+            if logits is None:
+                accs[name].append(None)
+                masked[name].append(None)
+                continue
+            accs[name].append(float((logits.argmax(1) == y_k).float().mean()))
+            hidden = logits.masked_fill(absent.view(1, -1), float("-inf"))
+            masked[name].append(float((hidden.argmax(1) == y_k).float().mean()))
+    return {name: {"client_acc": accs[name], "client_acc_mean": _mean(accs[name]),
+                   "client_acc_masked": masked[name], "client_acc_masked_mean": _mean(masked[name])}
+            for name in names}
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
 
 
 def evaluate(algorithm: Algorithm, state: Message, store: ClientStore, setup: EvalSetup) -> dict[str, Any]:
@@ -85,29 +108,28 @@ def evaluate(algorithm: Algorithm, state: Message, store: ClientStore, setup: Ev
     predictors = algorithm.predictors(state)
     names = list(predictors)
     results: dict[str, dict[str, Any]] = {}
-    correct_global: dict[str, Tensor] = {}
+    logits_global: dict[str, Tensor] = {}
     for name, model in predictors.items():
         logits = predict_logits(model, test.x, setup.normalize, setup.batch_size)
         results[name] = global_metrics(logits, test.y, test.num_classes, setup)
-        correct_global[name] = logits.argmax(1) == test.y
+        logits_global[name] = logits
 
     if setup.local_test is not None:
         local = setup.local_test
         cache: dict[int, dict[str, nn.Module]] = {}
 
-        def correct_of(k: int, name: str) -> Tensor | None:
+        def logits_of(k: int, name: str) -> Tensor | None:
             idx = local[k]
             if idx.numel() == 0:
                 return None
             if not algorithm.personalized:
-                return correct_global[name][idx]
+                return logits_global[name][idx]
             if k not in cache:  # build client k's predictors once for all names
                 cache.clear()
                 cache[k] = algorithm.predictors(state, store.get(k))
-            logits = predict_logits(cache[k][name], test.x[idx], setup.normalize, setup.batch_size)
-            return logits.argmax(1) == test.y[idx]
+            return predict_logits(cache[k][name], test.x[idx], setup.normalize, setup.batch_size)
 
-        for name, extra in client_metrics(correct_of, len(local), names).items():
+        for name, extra in client_metrics(logits_of, local, test.y, test.num_classes, names).items():
             results[name].update(extra)
 
     primary = dict(results[names[0]])

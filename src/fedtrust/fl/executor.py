@@ -87,12 +87,13 @@ class Executor:
     name = "base"
 
     def __init__(self, algorithm: Algorithm, data: ClientData, seed: int, device: torch.device,
-                 num_sampled: int) -> None:
+                 num_sampled: int, log: Callable[[str], None] | None = None) -> None:
         self.algorithm = algorithm
         self.data = data
         self.seed = seed
         self.device = device
         self.num_sampled = num_sampled
+        self.log: Callable[[str], None] = log or (lambda message: None)
 
     def execute(self, messages: dict[int, Message], round: int, store: ClientStore) -> dict[int, Message]:
         raise NotImplementedError

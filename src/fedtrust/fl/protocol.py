@@ -105,6 +105,11 @@ class LocalTraining:
     steps: int | None = None
     ref: dict[str, Tensor] = field(default_factory=dict)
     augment: str = "none"
+    views: int = 1
+    """Augmented views of each ID image in a batch: 2 adds ``batch["x2"]`` (contrastive objectives)."""
+    outliers: Tensor | None = None
+    """The client's share of auxiliary outliers (uint8 images); when set, every batch also holds
+    ``batch["x_ood"]``, as many outliers as ID images, drawn without replacement per pass."""
 
 
 @dataclass

@@ -23,6 +23,9 @@ class Objective:
 
     name: ClassVar[str] = "base"
     needs_outliers: ClassVar[bool] = False
+    """True when batches must carry ``batch["x_ood"]`` (auxiliary outliers)."""
+    num_views: ClassVar[int] = 1
+    """2 when batches must carry a second augmented view ``batch["x2"]`` of the ID images."""
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)

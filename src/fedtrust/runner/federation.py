@@ -28,6 +28,7 @@ from fedtrust.fl.executor import ClientData, Executor
 from fedtrust.fl.protocol import Algorithm, OptimizerSpec
 from fedtrust.fl.sampling import clients_per_round
 from fedtrust.fl.schedule import lr_at
+from fedtrust.fl.vectorized import choose_executor
 from fedtrust.metrics.accuracy import local_test_indices
 from fedtrust.models import create_model
 from fedtrust.objectives import build_objective
@@ -104,7 +105,10 @@ def build_federation(cfg: RunConfig) -> Federation:
 
     algorithm = build_algorithm(cfg, dataset, torch.as_tensor(class_counts), norm, device)
     k = clients_per_round(cfg.data.clients_per_round, cfg.data.num_clients)
-    executor = get("executor", cfg.executor)(algorithm, data, cfg.seed, device, k)
+    name = choose_executor(algorithm, k) if cfg.executor == "auto" else cfg.executor
+    executor_cls = get("executor", name)
+    extra = {"config": cfg} if "config" in inspect.signature(executor_cls).parameters else {}
+    executor = executor_cls(algorithm, data, cfg.seed, device, k, **extra)
     return Federation(cfg, dataset, data, stats, algorithm, executor, eval_setup, device)
 
 

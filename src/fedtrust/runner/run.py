@@ -74,6 +74,7 @@ def run(config: RunConfig | dict | str | Path | None = None, overrides: list[str
         ckpt = None
 
     fed = build_federation(cfg)
+    fed.executor.log = console.print
     resolved = config_to_dict(cfg)
     if ckpt is None:
         run_dir = rundir.new_run_dir(cfg.out, f"{cfg.algorithm.name}-{cfg.data.dataset}")
