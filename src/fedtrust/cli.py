@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fedtrust.errors import FedTrustError
 
-LIST_KINDS = ("algorithm", "objective", "dataset", "partitioner", "model", "executor")
+LIST_KINDS = ("algorithm", "objective", "score", "dataset", "outliers", "partitioner", "model", "executor")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -59,6 +59,18 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_flower_app(args: argparse.Namespace) -> int:
+    from fedtrust.flower import require_flower
+
+    require_flower("fedtrust flower-app")
+    from fedtrust.flower.app import write_app
+    from fedtrust.runner.config import load_config
+
+    out = write_app(load_config(args.config, args.overrides), args.outdir)
+    print(f"Flower app: {out} (run it with: flwr run {out} <superlink-connection> --stream)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedtrust", description="Trustworthy federated learning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_list = sub.add_parser("list", help="list registered algorithms, objectives, data sets, partitioners, models")
     p_list.add_argument("kind", nargs="?", help=f"one of {', '.join(LIST_KINDS)}")
     p_list.set_defaults(func=_cmd_list)
+    p_fa = sub.add_parser("flower-app", help="write a Flower app directory that runs CONFIG with `flwr run`")
+    p_fa.add_argument("config", metavar="CONFIG.yaml")
+    p_fa.add_argument("outdir", metavar="OUTDIR", help="new directory for the app (pyproject.toml, README.md)")
+    p_fa.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, as for `fedtrust run`")
+    p_fa.set_defaults(func=_cmd_flower_app)
     return parser
 
 

@@ -32,8 +32,12 @@ _PROVIDERS: tuple[str, ...] = (
     "fedtrust.models",
     "fedtrust.algorithms",
     "fedtrust.objectives",
+    "fedtrust.objectives.ood",
+    "fedtrust.ood.scores",
+    "fedtrust.data.outliers",
     "fedtrust.fl.executor",
     "fedtrust.fl.vectorized",
+    "fedtrust.flower.executor",
 )
 _loaded = False
 

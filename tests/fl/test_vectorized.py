@@ -42,6 +42,10 @@ CASES = {
     "fedprox-adam": ["algorithm.name=fedprox", "algorithm.mu=0.1", "train.optimizer=adam", "train.lr=0.005"],
     "fixed-steps-augmented": ["train.steps=7", "data.augment=crop_flip", "train.batch_size=32"],
     "two-epochs-plain-sgd": ["train.epochs=2", "train.momentum=0"],
+    "rna-outliers-in-the-bn-batch": ["objective.name=rna", "data.outliers=photos", "data.num_outliers=300",
+                                     "algorithm.bn_aggregation=pooled"],
+    "pascl-two-views-augmented": ["objective.name=pascl", "data.outliers=photos", "data.num_outliers=300",
+                                  "data.augment=crop_flip"],
 }
 
 

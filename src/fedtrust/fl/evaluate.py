@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,6 +22,8 @@ from fedtrust.data.types import ImageSet
 from fedtrust.fl.executor import ClientStore
 from fedtrust.fl.protocol import Algorithm, Message
 from fedtrust.metrics.accuracy import group_accuracy, per_class_accuracy
+from fedtrust.ood.metrics import activation_ratio, ece, mean_norm, ood_metrics
+from fedtrust.ood.scores import forward_in_batches, get_score
 
 
 @dataclass
@@ -34,6 +36,8 @@ class EvalSetup:
     hmt: dict[str, list[int]]
     local_test: Sequence[Tensor] | None
     batch_size: int = 1024
+    ood_sets: dict[str, Tensor] = field(default_factory=dict)
+    scores: tuple[str, ...] = ("msp",)
 
 
 @torch.no_grad()
@@ -62,6 +66,26 @@ def global_metrics(logits: Tensor, y: Tensor, num_classes: int, setup: EvalSetup
         "group_acc": {k: _nan_to_none(v) for k, v in group_accuracy(per_class, setup.groups).items()},
         "hmt_acc": {k: _nan_to_none(v) for k, v in group_accuracy(per_class, setup.hmt).items()},
     }
+
+
+def ood_evaluation(model: nn.Module, setup: EvalSetup) -> dict[str, Any]:
+    """Detection metrics of every configured score on every OOD test set, plus the RNA diagnostics.
+
+    ``ood["<set>/<score>"]`` holds AUROC, AUPR-in/out and FPR95 in both
+    conventions (spec rna.md §4); ``feature_norm`` and ``activation_ratio`` give
+    mean ‖z‖ and the fraction of z > 0 on the ID test set and each OOD set.
+    """
+    z_id, logits_id = forward_in_batches(model, setup.test.x, setup.normalize, setup.batch_size)
+    out: dict[str, Any] = {"ood": {}, "feature_norm": {"id": mean_norm(z_id)},
+                           "activation_ratio": {"id": activation_ratio(z_id)}}
+    id_scores = {s: get_score(s)(logits_id, z_id) for s in setup.scores}
+    for set_name, images in setup.ood_sets.items():
+        z, logits = forward_in_batches(model, images, setup.normalize, setup.batch_size)
+        out["feature_norm"][set_name] = mean_norm(z)
+        out["activation_ratio"][set_name] = activation_ratio(z)
+        for s in setup.scores:
+            out["ood"][f"{set_name}/{s}"] = ood_metrics(id_scores[s].cpu(), get_score(s)(logits, z).cpu())
+    return out
 
 
 def absent_class_mask(y_local: Tensor, num_classes: int) -> Tensor:
@@ -112,6 +136,9 @@ def evaluate(algorithm: Algorithm, state: Message, store: ClientStore, setup: Ev
     for name, model in predictors.items():
         logits = predict_logits(model, test.x, setup.normalize, setup.batch_size)
         results[name] = global_metrics(logits, test.y, test.num_classes, setup)
+        results[name]["ece"] = ece(logits, test.y)
+        if setup.ood_sets and hasattr(model, "forward_features_and_logits"):
+            results[name].update(ood_evaluation(model, setup))
         logits_global[name] = logits
 
     if setup.local_test is not None:

@@ -48,6 +48,9 @@ class DataConfig(Section):
     imbalance_ratio: float = Field(1.0, ge=1.0, description="long-tail n_max/n_min of the training set (1 = as is)")
     augment: str = Field("auto", description="training augmentation: auto (the data set's default), none, flip, crop, crop_flip")
     partition_seed: int | None = Field(None, description="seed of the partition (null: the run seed)")
+    outliers: str | None = Field(None, description="training-outlier source for objectives that need outliers "
+                                                   "(`fedtrust list outliers`; `npz:PATH` for your own)")
+    num_outliers: int = Field(5000, ge=1, description="size of the server's outlier pool")
 
     @field_validator("clients_per_round")
     @classmethod
@@ -138,6 +141,19 @@ class EvalConfig(Section):
     every: int = Field(5, ge=1, description="evaluate every N rounds (and always after the last)")
     batch_size: int = Field(1024, ge=1, description="evaluation batch size")
     personalized: bool = Field(True, description="also evaluate each client on its label-matched local test set")
+    ood: list[str] = Field(default_factory=list, description="OOD test sets (outlier sources) to report detection "
+                                                             "metrics on; empty: none")
+    num_ood: int = Field(1000, ge=1, description="images per OOD test set")
+    scores: list[str] = Field(default_factory=lambda: ["msp"], description="OOD scores to report (msp, maxlogit, "
+                                                                         "energy, rn)")
+
+    @model_validator(mode="after")
+    def _names(self) -> "EvalConfig":
+        for name in self.scores:
+            get("score", name)
+        for name in self.ood:
+            _outlier_source(name)
+        return self
 
 
 class RunConfig(Section):
@@ -153,6 +169,18 @@ class RunConfig(Section):
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig, description="local training objective")
     train: TrainConfig = Field(default_factory=TrainConfig, description="client optimizer and local schedule")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
+
+    @model_validator(mode="after")
+    def _outliers(self) -> "RunConfig":
+        from fedtrust.data.outliers import check_disjoint
+
+        if self.data.outliers is not None:
+            _outlier_source(self.data.outliers)
+        if get("objective", self.objective.name).needs_outliers and self.data.outliers is None:
+            raise ConfigError(f"objective {self.objective.name!r} needs outliers: set data.outliers "
+                              f"(e.g. photos, openclipart; `fedtrust list outliers`)")
+        check_disjoint([self.data.outliers] if self.data.outliers else [], self.eval.ood, self.data.dataset)
+        return self
 
     @field_validator("executor")
     @classmethod
@@ -172,6 +200,12 @@ class RunConfig(Section):
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _outlier_source(name: str) -> None:
+    from fedtrust.data.outliers import get_source
+
+    get_source(name)
 
 
 def _check_params(kind: str, name: str, params_model: type[BaseModel], params: dict[str, Any]) -> None:

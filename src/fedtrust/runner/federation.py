@@ -18,6 +18,7 @@ import torch
 
 from fedtrust.data.augment import normalize
 from fedtrust.data.datasets import load_dataset
+from fedtrust.data.outliers import load_outliers
 from fedtrust.data.longtail import cumulative_groups, make_longtail, shot_groups
 from fedtrust.data.partition import partition, partition_stats
 from fedtrust.data.types import Dataset
@@ -101,9 +102,16 @@ def build_federation(cfg: RunConfig) -> Federation:
         rng = np.random.default_rng([cfg.seed, _LOCAL_TEST_STREAM])
         local = local_test_indices(np.asarray(stats["label_hist"]), test.y.cpu().numpy(), rng)
         local_test = [torch.from_numpy(i).to(device) for i in local]
-    eval_setup = EvalSetup(test, norm, stats["groups"], stats["hmt"], local_test, cfg.eval.batch_size)
+    root = resolve_data_root(cfg.data.root)
+    ood_sets = {name: load_outliers(name, dataset.shape, cfg.eval.num_ood, cfg.seed, root).to(device)
+                for name in cfg.eval.ood}
+    eval_setup = EvalSetup(test, norm, stats["groups"], stats["hmt"], local_test, cfg.eval.batch_size,
+                           ood_sets=ood_sets, scores=tuple(cfg.eval.scores))
+    outliers = None
+    if cfg.data.outliers is not None:
+        outliers = load_outliers(cfg.data.outliers, dataset.shape, cfg.data.num_outliers, cfg.seed, root).to(device)
 
-    algorithm = build_algorithm(cfg, dataset, torch.as_tensor(class_counts), norm, device)
+    algorithm = build_algorithm(cfg, dataset, torch.as_tensor(class_counts), norm, device, outliers)
     k = clients_per_round(cfg.data.clients_per_round, cfg.data.num_clients)
     name = choose_executor(algorithm, k) if cfg.executor == "auto" else cfg.executor
     executor_cls = get("executor", name)
@@ -113,7 +121,7 @@ def build_federation(cfg: RunConfig) -> Federation:
 
 
 def build_algorithm(cfg: RunConfig, dataset: Dataset, class_counts: torch.Tensor, norm: Any,
-                    device: torch.device) -> Algorithm:
+                    device: torch.device, outliers: torch.Tensor | None = None) -> Algorithm:
     """The configured algorithm with its context (model factory, objective, schedule)."""
     t = cfg.train
     model_kwargs = cfg.model.params()
@@ -131,6 +139,7 @@ def build_algorithm(cfg: RunConfig, dataset: Dataset, class_counts: torch.Tensor
     lr = functools.partial(lr_at, rounds=cfg.rounds, base=t.lr, schedule=t.lr_schedule, lr_min=t.lr_min,
                            step_rounds=t.lr_step_rounds, gamma=t.lr_gamma)
     ctx = AlgorithmContext(new_model=new_model, num_classes=dataset.num_classes, class_counts=class_counts,
-                           objective=objective, schedule=schedule, lr=lr, normalize=norm, device=device)
+                           objective=objective, schedule=schedule, lr=lr, normalize=norm, device=device,
+                           seed=cfg.seed, outliers=outliers)
     cls = get("algorithm", cfg.algorithm.name)
     return cls(cls.Params(**cfg.algorithm.params()), ctx)

@@ -1,0 +1,74 @@
+"""A deployable Flower app built from a fedtrust config.
+
+``server_app`` and ``client_app`` below are what ``flwr run`` loads (an app's
+``[tool.flwr.app.components]`` point here); both read the fedtrust config from
+the run config. :func:`write_app` writes such an app directory for a config
+(``fedtrust flower-app CONFIG OUTDIR``): a ``pyproject.toml`` whose
+``[tool.flwr.app.config]`` carries the resolved config under ``fedtrust.*``
+(with ``executor = "flower"``) and the adapter settings under ``flower.*``,
+plus a README with the commands to run it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fedtrust.errors import ConfigError
+from fedtrust.flower.app_config import config_table
+from fedtrust.flower.client_app import make_client_app
+from fedtrust.flower.server_app import make_server_app
+from fedtrust.runner.config import RunConfig, build_config, config_to_dict
+
+server_app = make_server_app()
+client_app = make_client_app()
+
+COMPONENTS = {"serverapp": "fedtrust.flower.app:server_app", "clientapp": "fedtrust.flower.app:client_app"}
+PUBLISHER = "fedtrust"
+
+_README = """\
+# {name}
+
+A Flower app running the fedtrust config in `pyproject.toml`
+(`[tool.flwr.app.config]`: fedtrust keys under `fedtrust.*`, adapter settings
+under `flower.*`), written by `fedtrust flower-app`. fedtrust (`pip install
+'fedtrust[flower]'`) must be installed wherever the SuperLink and the
+SuperNodes run; the app itself carries no code.
+
+Start one SuperNode per client, `partition-id` 0 … {last} (see fedtrust's README, "Scaling out"):
+
+    flower-superlink --ssl-ca-certfile ca.pem --ssl-certfile server.pem --ssl-keyfile server.key \\
+        --enable-supernode-auth --disable-runtime-dependency-installation
+    flwr supernode register node0.pub my-link
+    flower-supernode --superlink HOST:8000 --root-certificates ca.pem --auth-supernode-private-key node0 \\
+        --node-config "partition-id=0 num-partitions={n} data-root='/data'"
+    flwr run . my-link --stream --run-config "fedtrust.rounds=5"
+"""
+
+
+def app_pyproject(cfg: RunConfig, name: str) -> dict[str, Any]:
+    """The ``pyproject.toml`` of a Flower app running ``cfg`` on a deployment."""
+    return {
+        "project": {"name": name, "version": "1.0.0", "license": "Apache-2.0", "dependencies": [],
+                    "description": f"fedtrust: {cfg.algorithm.name} on {cfg.data.dataset} as a Flower app"},
+        "tool": {"flwr": {"app": {"publisher": PUBLISHER, "components": dict(COMPONENTS),
+                                  "config": config_table(cfg)}}},
+    }
+
+
+def write_app(cfg: RunConfig, outdir: str | Path, name: str | None = None) -> Path:
+    """Write a Flower app directory running ``cfg`` (``executor`` forced to ``flower``); returns its path."""
+    import tomli_w
+
+    out = Path(outdir)
+    if (out / "pyproject.toml").exists():
+        raise ConfigError(f"{str(out)!r} already holds a pyproject.toml; choose a new directory")
+    cfg = build_config(config_to_dict(cfg), ["executor=flower"])
+    name = name or f"fedtrust-{cfg.algorithm.name}-{cfg.data.dataset}".replace("_", "-")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pyproject.toml").write_text(
+        "# A Flower app running a fedtrust config; written by `fedtrust flower-app`.\n"
+        + tomli_w.dumps(app_pyproject(cfg, name)))
+    n = cfg.data.num_clients
+    (out / "README.md").write_text(_README.format(name=name, n=n, last=n - 1))
+    return out

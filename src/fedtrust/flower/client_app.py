@@ -1,0 +1,167 @@
+"""The fedtrust ClientApp: a Flower node runs one fedtrust client.
+
+A node is client ``k`` = its node-config ``partition-id`` (Flower's simulation
+engine numbers its virtual nodes 0 … N−1 the same way; a deployment's
+SuperNode is started with ``--node-config "partition-id=k num-partitions=N"``).
+It rebuilds the algorithm and its own data from the fedtrust config (the
+simulation passes it in; a deployment reads it from the run config), takes
+partition ``k`` of the seeded partition, and answers two message types:
+
+- ``query``: "which client are you?" → ``partition-id`` and ``num-partitions``
+  (the ServerApp maps Flower node ids to client ids with it);
+- ``train``: the fedtrust message for this round → ``algorithm.client_update``
+  with the client's persistent state, which stays in ``context.state`` on the
+  node and is never sent.
+
+Whatever a handler raises becomes an error reply naming the exception, so the
+ServerApp reports the client as failed for that round instead of waiting.
+Optional node-config keys: ``data-root`` (where this node's data set lives,
+overriding ``data.root``) and ``device`` (overriding ``device``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Error, RecordDict
+from flwr.app import Message as FlowerMessage
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
+from flwr.common.constant import ErrorCode
+
+from fedtrust.errors import ConfigError, FedTrustError
+from fedtrust.fl.executor import ClientData
+from fedtrust.fl.protocol import Algorithm, ClientContext, Message
+from fedtrust.fl.sampling import client_generator
+from fedtrust.flower import LOGGER
+from fedtrust.flower.app_config import config_from_run_config
+from fedtrust.flower.records import from_records, has_message, store_message, to_records
+from fedtrust.runner.config import RunConfig, build_config, config_to_dict
+
+log = logging.getLogger(LOGGER)
+
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+DATA_ROOT = "data-root"
+DEVICE = "device"
+CALL = "fedtrust.call"
+"""Config record of a train message: ``round`` and the ``client-id`` the server thinks it addresses."""
+NODE = "fedtrust.node"
+"""Config record of a query reply: the node's ``partition-id`` and ``num-partitions``."""
+STATE_PREFIX = "fedtrust.client_state"
+"""Prefix of the client's persistent state in ``Context.state``."""
+
+
+@dataclass(frozen=True)
+class ClientRuntime:
+    """What a node needs to act as its client: the algorithm, the federation's data and the seed."""
+
+    algorithm: Algorithm
+    data: ClientData
+    seed: int
+    device: torch.device
+
+
+@functools.lru_cache(maxsize=2)
+def _build_runtime(config_json: str) -> ClientRuntime:
+    """Build once per process and config (a Ray actor serves many messages); keyed by the whole config."""
+    from fedtrust.runner.federation import build_federation
+
+    fed = build_federation(build_config(json.loads(config_json)))
+    return ClientRuntime(fed.algorithm, fed.data, fed.config.seed, fed.device)
+
+
+def node_client(node_config: Mapping[str, Any], num_clients: int) -> int:
+    """This node's client id: its ``partition-id``, checked against ``num-partitions`` and the config."""
+    if PARTITION_ID not in node_config:
+        raise ConfigError(f"SuperNode has no node-config {PARTITION_ID!r}; start it with "
+                          f"--node-config \"{PARTITION_ID}=K {NUM_PARTITIONS}={num_clients}\"")
+    pid, parts = node_config[PARTITION_ID], node_config.get(NUM_PARTITIONS, num_clients)
+    if not isinstance(pid, int) or not 0 <= pid < num_clients:
+        raise ConfigError(f"node-config {PARTITION_ID}={pid!r} must be an int in 0..{num_clients - 1} "
+                          f"(data.num_clients={num_clients})")
+    if parts != num_clients:
+        raise ConfigError(f"node-config {NUM_PARTITIONS}={parts!r} differs from data.num_clients={num_clients}")
+    return pid
+
+
+def node_run_config(context: Context, config: Mapping[str, Any] | None) -> RunConfig:
+    """The fedtrust config this node runs: ``config`` (simulation) or the run config (deployment).
+
+    The node's ``data-root`` and ``device`` node-config keys override ``data.root`` and ``device``.
+    """
+    overrides = ["executor=sequential"]  # a node never runs rounds itself
+    if DATA_ROOT in context.node_config:
+        overrides.append(f"data.root={json.dumps(str(context.node_config[DATA_ROOT]))}")
+    if DEVICE in context.node_config:
+        overrides.append(f"device={context.node_config[DEVICE]}")
+    if config is not None:
+        return build_config(dict(config), overrides)
+    return config_from_run_config(context.run_config, overrides)
+
+
+def handle_query(message: FlowerMessage, context: Context, config: Mapping[str, Any] | None) -> RecordDict:
+    """Answer "which client are you?"; cheap (no data loaded), so joining is fast."""
+    cfg = node_run_config(context, config)
+    client = node_client(context.node_config, cfg.data.num_clients)
+    return RecordDict({NODE: ConfigRecord({PARTITION_ID: client, NUM_PARTITIONS: cfg.data.num_clients})})
+
+
+def handle_train(message: FlowerMessage, context: Context, config: Mapping[str, Any] | None) -> RecordDict:
+    """Run ``client_update`` on this node's data and state; keep the new state in ``context.state``."""
+    cfg = node_run_config(context, config)
+    client = node_client(context.node_config, cfg.data.num_clients)
+    runtime = _build_runtime(json.dumps(config_to_dict(cfg), sort_keys=True))
+    call = message.content[CALL]
+    if int(call["client-id"]) != client:
+        raise FedTrustError(f"message for client {call['client-id']} reached the node of client {client}")
+    round_ = int(call["round"])
+    incoming = from_records(message.content, device=runtime.device)
+    state = (from_records(context.state, STATE_PREFIX, runtime.device)
+             if has_message(context.state, STATE_PREFIX) else Message())
+    ctx = ClientContext(client, round_, client_generator(runtime.seed, round_, client), runtime.device)
+    reply, new_state = runtime.algorithm.client_update(incoming, runtime.data.client(client), state, ctx)
+    store_message(context.state, new_state, STATE_PREFIX)
+    return RecordDict(to_records(reply))
+
+
+Handler = Callable[[FlowerMessage, Context, "Mapping[str, Any] | None"], RecordDict]
+
+
+def _reply(handler: Handler, message: FlowerMessage, context: Context,
+           config: Mapping[str, Any] | None) -> FlowerMessage:
+    """Run ``handler``; any exception becomes an error reply ("Type: message") instead of a crash."""
+    try:
+        return FlowerMessage(handler(message, context, config), reply_to=message)
+    except Exception as e:  # noqa: BLE001 - reported to the server as this client's failure
+        reason = f"{type(e).__name__}: {e}"
+        log.warning("fedtrust client (node %s, %s) failed: %s", context.node_id, dict(context.node_config), reason)
+        log.debug("traceback of the failure above", exc_info=True)
+        return FlowerMessage(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+
+
+def make_client_app(config: Mapping[str, Any] | None = None, mods: Sequence[Mod] = ()) -> ClientApp:
+    """A ClientApp running fedtrust clients.
+
+    ``config`` is the resolved fedtrust config (a plain dict) in simulation;
+    None reads it from the run config (deployment). ``mods`` are Flower mods
+    wrapped around every handler.
+    """
+    app = ClientApp(mods=list(mods))
+    fixed = dict(config) if config is not None else None
+
+    @app.query()
+    def query(message: FlowerMessage, context: Context) -> FlowerMessage:
+        return _reply(handle_query, message, context, fixed)
+
+    @app.train()
+    def train(message: FlowerMessage, context: Context) -> FlowerMessage:
+        return _reply(handle_train, message, context, fixed)
+
+    return app

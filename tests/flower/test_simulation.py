@@ -1,0 +1,110 @@
+"""executor=flower on Flower's simulation engine (Ray): parity with the sequential executor, failed clients.
+
+Starting Ray takes seconds, so these are slow tests. Ray gives each virtual
+client one CPU thread; the sequential reference runs with
+one torch thread too, so both compute in the same order and agree to the bit
+(the tolerances only absorb a different BLAS on another machine).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("flwr", reason="Flower not installed: pip install 'fedtrust[flower]'")
+pytest.importorskip("ray", reason="Flower's simulation engine needs Ray: pip install 'fedtrust[flower]'")
+
+import fedtrust  # noqa: E402
+from fedtrust.errors import FedTrustError  # noqa: E402
+from fedtrust.fl.executor import Callback, ClientStore, RoundReport  # noqa: E402
+from fedtrust.flower.app_config import FlowerSettings  # noqa: E402
+from fedtrust.flower.client_app import make_client_app  # noqa: E402
+from fedtrust.runner.config import build_config, config_to_dict  # noqa: E402
+from fedtrust.runner.federation import build_federation  # noqa: E402
+from fedtrust.runner.rundir import read_metrics  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+ARGS = ["data.num_clients=6", "data.clients_per_round=3", "rounds=3", "eval.every=1"]
+KEYS = ("round", "clients", "train_loss", "test_acc", "test_loss", "client_acc_mean")
+
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        self.reports: list[RoundReport] = []
+
+    def after_round(self, report: RoundReport) -> None:
+        self.reports.append(report)
+
+
+def failing_mod(plan: dict[int, set[int]]):
+    """A Flower mod making the ClientApps of clients ``plan[round]`` raise (pickled to Ray by value)."""
+    def mod(msg, context, call_next):
+        if msg.metadata.message_type == "train" and \
+                context.node_config["partition-id"] in plan.get(int(msg.metadata.group_id), set()):
+            raise RuntimeError(f"injected fault in client {context.node_config['partition-id']}")
+        return call_next(msg, context)
+    return mod
+
+
+def test_raising_clients_fail_their_round_and_all_failing_stops_the_run_without_hanging():
+    cfg = build_config({}, ["data.num_clients=4", "data.clients_per_round=4", "rounds=3", "executor=flower",
+                            "train.steps=2"])
+    fed = build_federation(cfg)
+    app = make_client_app(config_to_dict(cfg), mods=[failing_mod({1: {1}, 2: {0, 1, 2, 3}})])
+    recorder = Recorder()
+    start = time.monotonic()
+    with pytest.raises(FedTrustError, match=r"^round 2: all 4 sampled clients failed; client 0: .*injected fault"):
+        fed.executor.simulate(app, fed.algorithm.init(), ClientStore(), 0, 3, [recorder],
+                              settings=FlowerSettings(round_timeout=120.0, join_timeout=120.0))
+    assert time.monotonic() - start < 240
+    assert [r.round for r in recorder.reports] == [1]
+    assert sorted(recorder.reports[0].reply_meta) == [0, 2, 3]  # client 1 failed, the rest were aggregated
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shared_ray():
+    """One Ray instance for the parity runs: Ray's start-up is most of a small simulation's time.
+
+    Flower's Ray backend starts Ray only when none is running and shuts it
+    down after each simulation; that shutdown is deferred to the end of the
+    module. (The failure test runs first, on Flower's own start-up and shutdown.)
+    """
+    import ray
+
+    ray.init(include_dashboard=False, logging_level="ERROR",
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}})
+    patch = pytest.MonkeyPatch()
+    patch.setattr(ray, "shutdown", lambda *args, **kwargs: None)
+    yield
+    patch.undo()
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedprox"])
+def test_flower_simulation_matches_sequential(algorithm, tmp_path, one_thread, shared_ray):
+    args = ARGS + [f"algorithm.name={algorithm}"]
+    seq = fedtrust.run(None, args + ["executor=sequential", f"out={tmp_path / 'seq'}"], progress=False, report=False)
+    flw = fedtrust.run(None, args + ["executor=flower", f"out={tmp_path / 'flower'}"], progress=False, report=False)
+    assert flw.summary["executor"] == "flower"
+    a, b = read_metrics(tmp_path / "seq"), read_metrics(tmp_path / "flower")
+    assert [r["round"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b, strict=True):
+        for key in KEYS:
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (ra["round"], key)
+    assert seq.state.arrays.keys() == flw.state.arrays.keys()
+    for k, v in seq.state.arrays.items():
+        torch.testing.assert_close(flw.state.arrays[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert b[-1]["test_acc"] > 0.3  # three short rounds on 8x8 digits: well above chance (0.1)
