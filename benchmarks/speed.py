@@ -1311,7 +1311,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per process (default: torch's own choice, one per core); "
                         "1 avoids thread thrashing on a machine shared with other jobs")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of every run (model, split, sampling); same in repeats")
     p.add_argument("--timeout", type=int, default=None,
                    help="seconds per run before it is killed (default 3600; 600 with --quick)")
     p.add_argument("--out", type=Path, default=None,
@@ -1385,7 +1385,7 @@ def main(argv: list[str]) -> int:
         print_table(titles[key], header, body)
     info = machine_info(args.device, args.threads, pythons)
     write_results(args.out, args, rows, res, why, info, tables, profile, started, time.perf_counter() - t_start)
-    shown = args.out.relative_to(REPO) if args.out.resolve().is_relative_to(REPO) else args.out
+    shown = args.out.resolve().relative_to(REPO) if args.out.resolve().is_relative_to(REPO) else args.out
     print(f"results: {shown} (+ {args.out.with_suffix('.json').name})")
     return 0
 
