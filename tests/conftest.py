@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -16,3 +17,21 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "mnist" / "train.npz").is_file():
         pytest.skip(f"../shared/data absent (looked in {SHARED_DATA}): real-data checks need it")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: torch's intra-op threads only contend (several times slower on 2 busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def float64():
+    """Run a test in float64, where float32 rounding cannot hide or fake an equivalence."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

@@ -20,13 +20,7 @@ from fedtrust.objectives import CrossEntropy
 from fedtrust.runner.config import build_config
 from fedtrust.runner.federation import build_federation
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: torch's intra-op threads only contend (5x slower on 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FAST = ["algorithm.name=fedloge", "algorithm.refine_steps=20", "algorithm.norm_target=1.0"]
@@ -215,12 +209,6 @@ def test_mask_option_records_label_counts_and_masks_absent_classes():
     assert (logits[:, absent] < -1e9).all() and (logits[:, ~absent] > -1e9).all()
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
 
 
 def test_vectorized_executor_runs_fedloge_declaratively_and_matches_sequential(float64):

@@ -21,13 +21,7 @@ BASELINES = ["fedrod", "fedbabu", "fedetf", "ditto", "fedrep", "fedper", "fedavg
 PERSONAL_PREFIXES = ("personal/", "p_head/", "head_l/", "label_counts")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: torch's intra-op threads only contend (5x slower on 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def federation(*overrides):
@@ -196,12 +190,6 @@ def test_fedetf_keeps_the_etf_fixed_and_unsent_and_normalizes_features():
     assert {"personal/proj.weight", "personal/proj.bias", "personal/etf", "label_counts"} == set(own.arrays)
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
 
 
 @pytest.mark.parametrize("name", ["fedper", "ditto", "fedrod"])

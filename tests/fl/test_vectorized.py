@@ -13,12 +13,6 @@ from fedtrust.runner.config import build_config
 from fedtrust.runner.federation import build_federation
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
 
 
 def run_both(overrides, rounds=2):
