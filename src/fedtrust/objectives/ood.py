@@ -124,7 +124,6 @@ class LogitAdjusted(Objective):
     """
 
     name = "la"
-    num_views: ClassVar[int] = 1
 
     class Params(Objective.Params):
         tau: float = _tau_field()
@@ -146,7 +145,6 @@ class OutlierExposure(Objective):
 
     name = "oe"
     needs_outliers = True
-    num_views: ClassVar[int] = 1
 
     class Params(Objective.Params):
         weight: float = Field(0.5, ge=0.0, description="weight of the CE-to-uniform term on outliers")
@@ -166,7 +164,6 @@ class EnergyOE(Objective):
 
     name = "energy_oe"
     needs_outliers = True
-    num_views: ClassVar[int] = 1
 
     class Params(Objective.Params):
         m_in: float = Field(-25.0, description="ID energy margin: E_in above m_in is penalised")
@@ -198,7 +195,6 @@ class OECC(Objective):
 
     name = "oecc"
     needs_outliers = True
-    num_views: ClassVar[int] = 1
 
     class Params(Objective.Params):
         lambda1: float = Field(0.07, ge=0.0, description="weight of the ID confidence-matches-accuracy term")
@@ -239,7 +235,6 @@ class RNA(Objective):
 
     name = "rna"
     needs_outliers = True
-    num_views: ClassVar[int] = 1
 
     class Params(Objective.Params):
         tau: float = _tau_field()
@@ -376,7 +371,6 @@ class BalancedEnergy(Objective):
 
     name = "bel"
     needs_outliers = True
-    num_views: ClassVar[int] = 1
 
     class Params(Objective.Params):
         m_in: float = Field(-23.0, description="ID energy margin (C10-LT -23, C100-LT -27)")
