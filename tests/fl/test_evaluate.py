@@ -22,3 +22,29 @@ def test_client_metrics_hand_worked_with_mask():
 
 def test_absent_class_mask():
     assert absent_class_mask(torch.tensor([0, 2, 2]), 4).tolist() == [False, True, False, True]
+
+
+def test_predict_all_runs_a_shared_backbone_once_with_the_same_logits():
+    """FeatureHeads over one backbone: one features pass per chunk, logits equal to one pass per predictor."""
+    from torch import nn
+
+    from fedtrust.fl.evaluate import predict_all, predict_logits
+    from fedtrust.models import create_model
+    from fedtrust.models.heads import FeatureHead
+
+    torch.manual_seed(0)
+    backbone = create_model("cnn", num_classes=3, in_shape=(1, 8, 8), width=4)
+    calls = []
+    backbone.body.register_forward_hook(lambda *a: calls.append(1))
+    heads = {"a": FeatureHead(backbone, nn.Linear(16, 3)), "b": FeatureHead(backbone, nn.Linear(16, 3))}
+    other = create_model("cnn", num_classes=3, in_shape=(1, 8, 8), width=4)
+    predictors = {"a": heads["a"], "other": other, "b": heads["b"]}
+    images = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
+    norm = lambda x: x.float() / 255  # noqa: E731
+    got = predict_all(predictors, images, norm, batch_size=4)
+    assert list(got) == ["a", "other", "b"]
+    assert len(calls) == 3  # 10 images in chunks of 4: one backbone pass per chunk for both heads
+    calls.clear()
+    for name, model in predictors.items():
+        assert torch.allclose(got[name], predict_logits(model, images, norm, 4), atol=1e-6), name
+    assert backbone.training and other.training  # modes restored

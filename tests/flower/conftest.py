@@ -15,7 +15,8 @@ class LoopbackGrid:
     Every message and reply goes through protobuf bytes (what a real Grid
     sends), each node keeps its own ``Context`` across calls (``state``
     persists), and nodes in ``silent`` join but never answer a train message
-    (a hung or lost client).
+    (a hung or lost client). ``sent`` and ``received`` keep every message the
+    server pushed and every reply it pulled.
     """
 
     def __init__(self, client_app: Any, node_configs: Mapping[int, Mapping[str, Any]],
@@ -28,6 +29,7 @@ class LoopbackGrid:
                          for node, cfg in node_configs.items()}
         self.silent = set(silent)
         self.sent: list[Any] = []
+        self.received: list[Any] = []
         self.replies: dict[str, Any] = {}
 
     def get_node_ids(self) -> list[int]:
@@ -55,7 +57,9 @@ class LoopbackGrid:
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Any]:
-        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+        pulled = [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+        self.received.extend(pulled)
+        return pulled
 
 
 def wire(content: Any) -> Any:

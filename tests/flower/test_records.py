@@ -1,4 +1,4 @@
-"""fedtrust Message <-> Flower records: exact tensors, JSON meta, Flower's wire format, client state."""
+"""fedtrust Message <-> Flower records: exact tensors, JSON meta, Flower's wire format, client state, scores."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # noqa: E40
 from fedtrust.errors import FedTrustError  # noqa: E402
 from fedtrust.fl.protocol import Message  # noqa: E402
 from fedtrust.flower.records import (  # noqa: E402
-    from_records, has_message, record_keys, store_message, to_recorddict, to_records,
+    SCORES, from_records, has_message, record_keys, scores_from_record, scores_to_record, store_message,
+    to_recorddict, to_records,
 )
 
 
@@ -85,3 +86,22 @@ def test_client_state_is_stored_replaced_and_removed_under_its_prefix():
     assert list(back.arrays) == ["other"] and back.meta == {}
     store_message(state, Message(), "client_state")
     assert len(state) == 0
+
+
+def test_client_scores_travel_as_one_metric_record_of_exact_numbers():
+    scores = {"universal": (2 / 3, 0.75), "personalized": (float(torch.tensor(0.1)), 1.0)}
+    back = over_the_wire(RecordDict({SCORES: scores_to_record(scores)}))
+    assert list(back.metric_records) == [SCORES] and not back.array_records
+    assert dict(back[SCORES]) == {"client_acc/universal": 2 / 3, "client_acc_masked/universal": 0.75,
+                                  "client_acc/personalized": float(torch.tensor(0.1)),
+                                  "client_acc_masked/personalized": 1.0}
+    assert scores_from_record(back[SCORES]) == scores  # bit for bit
+
+
+@pytest.mark.parametrize(("record", "error"), [
+    ({"client_acc/g": 0.5}, "evaluation reply has no metric 'client_acc_masked/g'"),
+    ({"client_acc/g": 0.5, "client_acc_masked/g": 0.5, "loss": 1.0}, "has an unexpected metric 'loss'"),
+])
+def test_malformed_scores_are_one_line_errors_naming_the_key(record, error):
+    with pytest.raises(FedTrustError, match=error):
+        scores_from_record(record)

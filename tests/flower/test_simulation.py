@@ -3,7 +3,8 @@
 Starting Ray takes seconds, so these are slow tests. Ray gives each virtual
 client one CPU thread; the sequential reference runs with
 one torch thread too, so both compute in the same order and agree to the bit
-(the tolerances only absorb a different BLAS on another machine).
+(the tolerances only absorb a different BLAS on another machine). FedLoGe's
+parity covers personalized evaluation, which runs on the nodes.
 """
 
 from __future__ import annotations
@@ -30,7 +31,31 @@ from fedtrust.runner.rundir import read_metrics  # noqa: E402
 pytestmark = pytest.mark.slow
 
 ARGS = ["data.num_clients=6", "data.clients_per_round=3", "rounds=3", "eval.every=1"]
-KEYS = ("round", "clients", "train_loss", "test_acc", "test_loss", "client_acc_mean")
+KEYS = ("round", "clients", "train_loss", "test_acc", "test_loss", "client_acc", "client_acc_mean",
+        "client_acc_masked", "client_acc_masked_mean")
+FEDLOGE = ARGS + ["data.imbalance_ratio=10", "algorithm.name=fedloge", "algorithm.refine_steps=100",
+                  "algorithm.norm_target=1.0", "model.width=16", "train.batch_size=8"]
+
+
+def assert_close(a, b, rel: float, abs: float, where: str = "") -> None:
+    """Nested metrics (dicts, lists, numbers, None) equal in structure, numbers within the tolerances."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            assert_close(a[k], b[k], rel, abs, f"{where}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_close(x, y, rel, abs, f"{where}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert b == pytest.approx(a, rel=rel, abs=abs, nan_ok=True), where
+    else:
+        assert a == b, where
+
+
+def metrics(run_dir) -> list[dict]:
+    """A run's metrics records without the wall-clock time."""
+    return [{k: v for k, v in r.items() if k != "time_s"} for r in read_metrics(run_dir)]
 
 
 class Recorder(Callback):
@@ -103,8 +128,37 @@ def test_flower_simulation_matches_sequential(algorithm, tmp_path, one_thread, s
     assert [r["round"] for r in b] == [1, 2, 3]
     for ra, rb in zip(a, b, strict=True):
         for key in KEYS:
-            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (ra["round"], key)
+            assert_close(ra[key], rb[key], rel=1e-5, abs=1e-6, where=f"round {ra['round']}: {key}")
     assert seq.state.arrays.keys() == flw.state.arrays.keys()
     for k, v in seq.state.arrays.items():
         torch.testing.assert_close(flw.state.arrays[k], v, rtol=1e-5, atol=1e-6, msg=k)
     assert b[-1]["test_acc"] > 0.3  # three short rounds on 8x8 digits: well above chance (0.1)
+
+
+def test_fedloge_metrics_equal_on_sequential_vectorized_and_flower(tmp_path, one_thread, shared_ray):
+    """Every metric (global, per client, masked, per predictor: universal, global, personalized) matches.
+
+    Flower scores each client on its node with the local head L_k kept there;
+    float32, as it runs. The vectorised executor reorders float sums (vmap), so
+    it is compared with the sequential one in float64, where both agree to ~1e-9.
+    """
+    def run(executor: str, name: str) -> list[dict]:
+        out = tmp_path / name
+        fedtrust.run(None, FEDLOGE + [f"executor={executor}", f"out={out}"], progress=False, report=False)
+        return metrics(out)
+
+    seq, flw = run("sequential", "seq"), run("flower", "flower")
+    assert [r["round"] for r in flw] == [1, 2, 3]
+    assert set(flw[-1]["by_predictor"]) == {"universal", "global", "personalized"}
+    assert_close(seq, flw, rel=1e-5, abs=1e-6)
+    personal = flw[-1]["by_predictor"]["personalized"]
+    assert personal["client_acc"] != flw[-1]["by_predictor"]["global"]["client_acc"]  # L_k counts
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        seq64, vec64 = run("sequential", "seq64"), run("vectorized", "vec64")
+    finally:
+        torch.set_default_dtype(old)
+    assert_close(seq64, vec64, rel=1e-7, abs=1e-9)
+    assert seq64[-1]["test_loss"] != seq[-1]["test_loss"], "float64 is a different run: did the dtype switch?"

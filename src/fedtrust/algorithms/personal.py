@@ -35,6 +35,7 @@ from fedtrust.errors import ConfigError
 from fedtrust.fl.aggregate import pool_bn_moments, weighted_mean
 from fedtrust.fl.local import train_locally
 from fedtrust.fl.protocol import Batch, ClientContext, LocalTraining, Message, TrainResult, with_prefix
+from fedtrust.models.heads import FeatureHead  # noqa: F401  (re-exported: the algorithms' predictors)
 
 PERSONAL = "personal"
 LABEL_COUNTS = "label_counts"
@@ -138,21 +139,6 @@ def split_backbone(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
         raise ConfigError(f"model {type(model).__name__} must expose features(x) and a linear head (the FedModel contract)")
     model.head = nn.Identity()
     return model, head
-
-
-class FeatureHead(nn.Module):
-    """A predictor ``head(backbone.features(x))``: how FedLoGe's three use cases and FedRoD's heads are scored."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def features(self, x: Tensor) -> Tensor:
-        return self.backbone.features(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.backbone.features(x))
 
 
 def fresh_copy(template: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:

@@ -5,13 +5,18 @@ engine numbers its virtual nodes 0 … N−1 the same way; a deployment's
 SuperNode is started with ``--node-config "partition-id=k num-partitions=N"``).
 It rebuilds the algorithm and its own data from the fedtrust config (the
 simulation passes it in; a deployment reads it from the run config), takes
-partition ``k`` of the seeded partition, and answers two message types:
+partition ``k`` of the seeded partition, and answers three message types:
 
 - ``query``: "which client are you?" → ``partition-id`` and ``num-partitions``
   (the ServerApp maps Flower node ids to client ids with it);
 - ``train``: the fedtrust message for this round → ``algorithm.client_update``
   with the client's persistent state, which stays in ``context.state`` on the
-  node and is never sent.
+  node and is never sent;
+- ``evaluate``: the server state → the client's personalized scores
+  (:func:`~fedtrust.fl.evaluate.score_client`: the predictors built with that
+  same state, on the client's label-matched local test set, which the node
+  rebuilds from the config as the server does); the reply holds only the
+  accuracies (a ``MetricRecord``), never weights or the state.
 
 Whatever a handler raises becomes an error reply naming the exception, so the
 ServerApp reports the client as failed for that round instead of waiting.
@@ -36,12 +41,15 @@ from flwr.clientapp.typing import Mod
 from flwr.common.constant import ErrorCode
 
 from fedtrust.errors import ConfigError, FedTrustError
+from fedtrust.fl.evaluate import EvalSetup, score_client
 from fedtrust.fl.executor import ClientData
 from fedtrust.fl.protocol import Algorithm, ClientContext, Message
 from fedtrust.fl.sampling import client_generator
 from fedtrust.flower import LOGGER
 from fedtrust.flower.app_config import config_from_run_config
-from fedtrust.flower.records import from_records, has_message, store_message, to_records
+from fedtrust.flower.records import (
+    SCORES, from_records, has_message, scores_to_record, store_message, to_records,
+)
 from fedtrust.runner.config import RunConfig, build_config, config_to_dict
 
 log = logging.getLogger(LOGGER)
@@ -51,7 +59,7 @@ NUM_PARTITIONS = "num-partitions"
 DATA_ROOT = "data-root"
 DEVICE = "device"
 CALL = "fedtrust.call"
-"""Config record of a train message: ``round`` and the ``client-id`` the server thinks it addresses."""
+"""Config record of a train or evaluate message: ``round`` and the ``client-id`` the server thinks it addresses."""
 NODE = "fedtrust.node"
 """Config record of a query reply: the node's ``partition-id`` and ``num-partitions``."""
 STATE_PREFIX = "fedtrust.client_state"
@@ -60,12 +68,13 @@ STATE_PREFIX = "fedtrust.client_state"
 
 @dataclass(frozen=True)
 class ClientRuntime:
-    """What a node needs to act as its client: the algorithm, the federation's data and the seed."""
+    """What a node needs to act as its client: the algorithm, the federation's data, the seed and evaluation."""
 
     algorithm: Algorithm
     data: ClientData
     seed: int
     device: torch.device
+    eval_setup: EvalSetup
 
 
 @functools.lru_cache(maxsize=2)
@@ -74,7 +83,7 @@ def _build_runtime(config_json: str) -> ClientRuntime:
     from fedtrust.runner.federation import build_federation
 
     fed = build_federation(build_config(json.loads(config_json)))
-    return ClientRuntime(fed.algorithm, fed.data, fed.config.seed, fed.device)
+    return ClientRuntime(fed.algorithm, fed.data, fed.config.seed, fed.device, fed.eval_setup)
 
 
 def node_client(node_config: Mapping[str, Any], num_clients: int) -> int:
@@ -113,22 +122,49 @@ def handle_query(message: FlowerMessage, context: Context, config: Mapping[str, 
     return RecordDict({NODE: ConfigRecord({PARTITION_ID: client, NUM_PARTITIONS: cfg.data.num_clients})})
 
 
-def handle_train(message: FlowerMessage, context: Context, config: Mapping[str, Any] | None) -> RecordDict:
-    """Run ``client_update`` on this node's data and state; keep the new state in ``context.state``."""
+def _addressed(message: FlowerMessage, context: Context,
+               config: Mapping[str, Any] | None) -> tuple[int, int, ClientRuntime]:
+    """``(client id, round, runtime)`` of a train or evaluate message; one for another client is an error."""
     cfg = node_run_config(context, config)
     client = node_client(context.node_config, cfg.data.num_clients)
     runtime = _build_runtime(json.dumps(config_to_dict(cfg), sort_keys=True))
     call = message.content[CALL]
     if int(call["client-id"]) != client:
         raise FedTrustError(f"message for client {call['client-id']} reached the node of client {client}")
-    round_ = int(call["round"])
+    return client, int(call["round"]), runtime
+
+
+def _client_state(context: Context, device: torch.device) -> Message:
+    """The client's persistent state kept in ``context.state`` (empty before its first round)."""
+    return (from_records(context.state, STATE_PREFIX, device)
+            if has_message(context.state, STATE_PREFIX) else Message())
+
+
+def handle_train(message: FlowerMessage, context: Context, config: Mapping[str, Any] | None) -> RecordDict:
+    """Run ``client_update`` on this node's data and state; keep the new state in ``context.state``."""
+    client, round_, runtime = _addressed(message, context, config)
     incoming = from_records(message.content, device=runtime.device)
-    state = (from_records(context.state, STATE_PREFIX, runtime.device)
-             if has_message(context.state, STATE_PREFIX) else Message())
+    state = _client_state(context, runtime.device)
     ctx = ClientContext(client, round_, client_generator(runtime.seed, round_, client), runtime.device)
     reply, new_state = runtime.algorithm.client_update(incoming, runtime.data.client(client), state, ctx)
     store_message(context.state, new_state, STATE_PREFIX)
     return RecordDict(to_records(reply))
+
+
+def handle_evaluate(message: FlowerMessage, context: Context, config: Mapping[str, Any] | None) -> RecordDict:
+    """Score this client's predictors, built with the state it keeps, on its local test set; reply the numbers.
+
+    The state is only read here (evaluation never changes it); the reply is
+    one ``MetricRecord`` of accuracies (:func:`~fedtrust.flower.records.scores_to_record`).
+    """
+    client, _, runtime = _addressed(message, context, config)
+    server_state = from_records(message.content, device=runtime.device)
+    scores = score_client(runtime.algorithm, server_state, _client_state(context, runtime.device), client,
+                          runtime.eval_setup)
+    if scores is None:
+        raise FedTrustError(f"client {client} has an empty local test set on its node but not on the server; "
+                            "do both load the same data set?")
+    return RecordDict({SCORES: scores_to_record(scores)})
 
 
 Handler = Callable[[FlowerMessage, Context, "Mapping[str, Any] | None"], RecordDict]
@@ -163,5 +199,9 @@ def make_client_app(config: Mapping[str, Any] | None = None, mods: Sequence[Mod]
     @app.train()
     def train(message: FlowerMessage, context: Context) -> FlowerMessage:
         return _reply(handle_train, message, context, fixed)
+
+    @app.evaluate()
+    def evaluate(message: FlowerMessage, context: Context) -> FlowerMessage:
+        return _reply(handle_evaluate, message, context, fixed)
 
     return app

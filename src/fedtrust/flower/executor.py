@@ -20,9 +20,17 @@ logged and left out of that round's aggregation; if every sampled client
 fails, the run stops with a one-line :class:`FedTrustError`.
 
 A client's persistent state lives in its node's ``context.state`` and never
-reaches the server: the server-side ``ClientStore`` stays as given, so
-personalized evaluation on the server sees no client state, and a resumed run
-restarts client state (stateless algorithms such as FedAvg resume exactly).
+reaches the server: the server-side ``ClientStore`` stays as given (empty).
+So a personalized algorithm's clients are evaluated where their state lives:
+:meth:`FlowerExecutor.evaluate_clients` (the evaluation setup's
+``client_evaluator``) sends the server state to every client's node in an
+``evaluate`` message, and the node scores the predictors built with its own
+state on its local test set and replies only the accuracies; the metrics then
+equal the sequential executor's. A client whose node fails to answer is
+logged and has no score (None) in that evaluation. A resumed run starts new
+nodes, so client state restarts from nothing (the checkpoint cannot hold what
+the server never saw): stateless algorithms such as FedAvg resume exactly,
+personalized ones continue from the initial client state.
 
 This module imports without Flower; constructing the executor without it is a
 one-line :class:`~fedtrust.errors.ConfigError` saying what to install.
@@ -52,6 +60,7 @@ if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid
 
+    from fedtrust.fl.evaluate import ClientScores
     from fedtrust.flower.app_config import FlowerSettings
     from fedtrust.runner.config import RunConfig
 
@@ -109,6 +118,8 @@ class FlowerExecutor(Executor):
         """The run's config: a simulation hands it to the ClientApps, which rebuild algorithm and data from it."""
         self._binding: GridBinding | None = None
         self._nodes: dict[int, int] = {}
+        self._round = 0
+        """The last round executed: evaluation (a callback after it) tags its messages with it."""
 
     # ---- the round loop --------------------------------------------------
     def run(self, state: Message, store: ClientStore, start_round: int, rounds: int,
@@ -160,8 +171,6 @@ class FlowerExecutor(Executor):
                      callbacks: Sequence[Callback], should_stop: Callable[[], bool] | None) -> Message:
         from fedtrust.flower.server_app import discover_clients
 
-        if self.algorithm.personalized:
-            log.warning("client state stays on the Flower nodes: personalized evaluation on the server sees none")
         self._binding = binding
         try:
             self._nodes = discover_clients(binding.grid, len(self.data), binding.settings.join_timeout,
@@ -177,6 +186,7 @@ class FlowerExecutor(Executor):
 
         if self._binding is None:
             raise FedTrustError("FlowerExecutor.execute runs only inside run(): no Flower Grid is bound")
+        self._round = round
         timeout = self._binding.settings.round_timeout
         replies, failed = exchange(self._binding.grid, self._nodes, messages, round, timeout, self.device,
                                    self._binding.stopped)
@@ -189,6 +199,32 @@ class FlowerExecutor(Executor):
         if failed:
             log.warning("round %d: aggregating %d of %d replies", round, len(replies), len(messages))
         return replies
+
+    # ---- personalized evaluation on the nodes ---------------------------
+    def evaluate_clients(self, state: Message, clients: Sequence[int]) -> dict[int, ClientScores | None]:
+        """Each client's personalized scores, computed on its node with the state it keeps there.
+
+        The evaluation setup's ``client_evaluator`` on Flower (``build_federation``
+        wires it): :func:`~fedtrust.flower.server_app.score_clients` within the
+        round timeout. A client that fails is logged and scored None; if all fail,
+        a one-line :class:`FedTrustError`.
+        """
+        from fedtrust.flower.server_app import score_clients
+
+        if self._binding is None:
+            raise FedTrustError("FlowerExecutor.evaluate_clients runs only inside run(): no Flower Grid is bound")
+        if not clients:
+            return {}
+        scores, failed = score_clients(self._binding.grid, self._nodes, state, clients, self._round,
+                                       self._binding.settings.round_timeout, self._binding.stopped)
+        for client, reason in failed.items():
+            log.warning("evaluation after round %d: client %d failed (%s); its personalized scores are None",
+                        self._round, client, reason)
+        if not scores:
+            first = next(iter(failed.items()))
+            raise FedTrustError(f"evaluation after round {self._round}: all {len(clients)} clients failed; "
+                                f"client {first[0]}: {first[1]}")
+        return {c: scores.get(c) for c in clients}
 
     def _backend_config(self) -> dict[str, Any]:
         """Ray resources: one CPU per virtual client (clients share the GPU when training on CUDA)."""

@@ -15,13 +15,17 @@ Decoding inverts this exactly for tensors (dtype, shape, values, bit for bit)
 and as JSON does for meta (a tuple comes back as a list). The same layout
 stores a client's persistent state in Flower's ``Context.state`` under another
 prefix, so it never leaves the node.
+
+A node's personalized evaluation reply is one ``MetricRecord`` (``SCORES``),
+numbers only: ``client_acc/<predictor>`` and ``client_acc_masked/<predictor>``
+(:data:`~fedtrust.fl.evaluate.ClientScores`).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,9 +34,15 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedtrust.errors import FedTrustError
 from fedtrust.fl.protocol import Message
 
+if TYPE_CHECKING:
+    from fedtrust.fl.evaluate import ClientScores
+
 Record = ArrayRecord | ConfigRecord | MetricRecord
 
 PREFIX = "fedtrust"
+SCORES = f"{PREFIX}.scores"
+"""The ``MetricRecord`` of a personalized evaluation reply."""
+_ACC, _MASKED = "client_acc/", "client_acc_masked/"
 _INT64 = (-(2**63), 2**63 - 1)
 
 _FLOAT8 = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
@@ -139,3 +149,25 @@ def store_message(state: MutableMapping[str, Any], message: Message | None, pref
     if message is not None and (message.arrays or message.meta):
         for key, record in to_records(message, prefix).items():
             state[key] = record
+
+
+# ---------------------------------------------------------------- evaluation replies
+
+
+def scores_to_record(scores: ClientScores) -> MetricRecord:
+    """One client's scores as a ``MetricRecord``: ``client_acc/<name>``, ``client_acc_masked/<name>``."""
+    values: dict[str, float] = {}
+    for name, (acc, masked) in scores.items():
+        values[_ACC + name], values[_MASKED + name] = float(acc), float(masked)
+    return MetricRecord(values)
+
+
+def scores_from_record(record: Mapping[str, Any]) -> ClientScores:
+    """The scores in a :func:`scores_to_record` record; a missing or foreign key is an error naming it."""
+    names = [k[len(_ACC):] for k in record if k.startswith(_ACC)]
+    expected = {key for name in names for key in (_ACC + name, _MASKED + name)}
+    wrong = sorted(set(record) ^ expected)
+    if wrong:
+        key = wrong[0]
+        raise FedTrustError(f"evaluation reply has {'no' if key in expected else 'an unexpected'} metric {key!r}")
+    return {name: (float(record[_ACC + name]), float(record[_MASKED + name])) for name in names}

@@ -3,17 +3,20 @@
 The round loop itself is fedtrust's (``Executor.run``: sample, ``configure``,
 execute, ``aggregate``, callbacks); on Flower, "execute" is :func:`exchange`
 over a Grid, after :func:`discover_clients` has mapped Flower node ids to
-fedtrust client ids by asking every node for its ``partition-id``.
+fedtrust client ids by asking every node for its ``partition-id``. A
+personalized algorithm's clients are evaluated on their nodes with
+:func:`score_clients` (``evaluate`` messages; the replies hold only accuracies).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
-from flwr.app import ConfigRecord, Context, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, MessageType, MetricRecord, RecordDict
 from flwr.app import Message as FlowerMessage
 from flwr.serverapp import Grid, ServerApp
 
@@ -22,7 +25,10 @@ from fedtrust.fl.protocol import Message
 from fedtrust.flower import LOGGER
 from fedtrust.flower.app_config import FlowerSettings, config_from_run_config
 from fedtrust.flower.client_app import CALL, NODE, NUM_PARTITIONS, PARTITION_ID
-from fedtrust.flower.records import Record, from_records, to_records
+from fedtrust.flower.records import SCORES, Record, from_records, scores_from_record, to_records
+
+if TYPE_CHECKING:
+    from fedtrust.fl.evaluate import ClientScores
 
 log = logging.getLogger(LOGGER)
 
@@ -111,6 +117,34 @@ def _ids(ids: list[int]) -> str:
     return ", ".join(map(str, ids[:10])) + (f", … ({len(ids)} in all)" if len(ids) > 10 else "")
 
 
+def _send(grid: Grid, nodes: Mapping[int, int], contents: Mapping[int, RecordDict], message_type: str,
+          round: int, timeout: float,
+          stopped: Stopped | None = None) -> tuple[dict[int, FlowerMessage], dict[int, str]]:
+    """Send each client its content as a ``message_type`` message of ``round``; ``(replies, failures)``.
+
+    A client fails when its node replies with an error (the reason is kept) or
+    not within ``timeout`` seconds. Both are keyed and ordered by client id.
+    """
+    out = [FlowerMessage(contents[c], nodes[c], message_type, group_id=str(round)) for c in sorted(contents)]
+    by_node = {r.metadata.src_node_id: r for r in collect(grid, out, timeout, stopped)}
+    replies: dict[int, FlowerMessage] = {}
+    failed: dict[int, str] = {}
+    for c in sorted(contents):
+        reply = by_node.get(nodes[c])
+        if reply is None:
+            failed[c] = f"no reply within {timeout:g} s"
+        elif reply.has_error():
+            failed[c] = _reason(reply)
+        else:
+            replies[c] = reply
+    return replies, failed
+
+
+def _call(records: Mapping[str, Record], round: int, client: int) -> RecordDict:
+    """A message's content: ``records`` plus the call record naming the round and the addressed client."""
+    return RecordDict({**records, CALL: ConfigRecord({"round": round, "client-id": client})})
+
+
 def exchange(grid: Grid, nodes: Mapping[int, int], messages: Mapping[int, Message], round: int, timeout: float,
              device: torch.device | None = None,
              stopped: Stopped | None = None) -> tuple[dict[int, Message], dict[int, str]]:
@@ -121,28 +155,43 @@ def exchange(grid: Grid, nodes: Mapping[int, int], messages: Mapping[int, Messag
     encoded once. Replies are ordered by client id, like the sequential executor's.
     """
     encoded: dict[int, dict[str, Record]] = {}
-    out = []
-    for c in sorted(messages):
-        key = id(messages[c])
-        if key not in encoded:
-            encoded[key] = to_records(messages[c])
-        content = RecordDict({**encoded[key], CALL: ConfigRecord({"round": round, "client-id": c})})
-        out.append(FlowerMessage(content, nodes[c], MessageType.TRAIN, group_id=str(round)))
-    by_node = {r.metadata.src_node_id: r for r in collect(grid, out, timeout, stopped)}
+    for c in messages:
+        if id(messages[c]) not in encoded:
+            encoded[id(messages[c])] = to_records(messages[c])
+    contents = {c: _call(encoded[id(messages[c])], round, c) for c in messages}
+    received, failed = _send(grid, nodes, contents, MessageType.TRAIN, round, timeout, stopped)
     replies: dict[int, Message] = {}
-    failed: dict[int, str] = {}
-    for c in sorted(messages):
-        reply = by_node.get(nodes[c])
-        if reply is None:
-            failed[c] = f"no reply within {timeout:g} s"
-        elif reply.has_error():
-            failed[c] = _reason(reply)
-        else:
-            try:
-                replies[c] = from_records(reply.content, device=device)
-            except FedTrustError as e:
-                failed[c] = str(e)
-    return replies, failed
+    for c, reply in received.items():
+        try:
+            replies[c] = from_records(reply.content, device=device)
+        except FedTrustError as e:
+            failed[c] = str(e)
+    return replies, dict(sorted(failed.items()))
+
+
+def score_clients(grid: Grid, nodes: Mapping[int, int], state: Message, clients: Sequence[int], round: int,
+                  timeout: float,
+                  stopped: Stopped | None = None) -> tuple[dict[int, ClientScores], dict[int, str]]:
+    """Each client's personalized scores after ``round``, computed on its node; ``(scores, failures)``.
+
+    Every client gets the server ``state`` (encoded once) in an ``evaluate``
+    message; its node builds the predictors with the client state it keeps
+    and replies only the accuracies (the ``SCORES`` metric record), so the
+    client state never reaches the server. Failures as in :func:`exchange`.
+    """
+    records = to_records(state)
+    contents = {c: _call(records, round, c) for c in clients}
+    received, failed = _send(grid, nodes, contents, MessageType.EVALUATE, round, timeout, stopped)
+    scores: dict[int, ClientScores] = {}
+    for c, reply in received.items():
+        try:
+            record = reply.content[SCORES] if SCORES in reply.content else None
+            if not isinstance(record, MetricRecord):
+                raise FedTrustError(f"evaluation reply has no {SCORES!r} metric record")
+            scores[c] = scores_from_record(record)
+        except FedTrustError as e:
+            failed[c] = str(e)
+    return scores, dict(sorted(failed.items()))
 
 
 def make_server_app() -> ServerApp:

@@ -27,6 +27,26 @@ from fedtrust.models.base import FedModel, check_int
 PROJECTION_DIM = 128  # RNA and PASCL: h maps z to R^128
 
 
+class FeatureHead(nn.Module):
+    """A predictor ``head(backbone.features(x))``: how FedLoGe's three use cases and FedRoD's heads are scored.
+
+    Several predictors of one algorithm may share one ``backbone`` object with
+    different heads; evaluation (:func:`fedtrust.fl.evaluate.predict_all`) then
+    computes the features once for all of them.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.backbone.features(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone.features(x))
+
+
 def projection_mlp(d: int, out_dim: int = PROJECTION_DIM) -> nn.Sequential:
     """``Linear(d, d) - ReLU - Linear(d, out_dim)``: the projection head of RNA/PASCL (spec §1)."""
     return nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, out_dim))

@@ -1,8 +1,10 @@
 """Run reports: one self-contained HTML page for one run directory or several.
 
 A run directory (see ``fedtrust.runner``) holds ``config.yaml``,
-``metrics.jsonl``, ``partition.json`` and ``summary.json``. Any of them may be
-missing or damaged (a run killed before its first evaluation, a truncated last
+``metrics.jsonl``, ``partition.json``, ``summary.json`` and
+``eval_scores.npz`` (per-sample scores of the final evaluation, for the OOD
+section's histograms, ROC curves and reliability diagram; older runs lack it).
+Any of them may be missing or damaged (a run killed before its first evaluation, a truncated last
 line): :func:`load_run` keeps whatever parses and records a note for each
 problem, and the report shows those notes instead of failing.
 
@@ -21,21 +23,25 @@ from __future__ import annotations
 import json
 import math
 import os
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from fedtrust.errors import FedTrustError
 
-__all__ = ["RunData", "as_float", "default_report_path", "load_run", "write_report"]
+__all__ = ["EvalScoresData", "OODScores", "RunData", "as_float", "default_report_path", "load_run", "ood_label",
+           "write_report"]
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 PARTITION_FILE = "partition.json"
 SUMMARY_FILE = "summary.json"
+EVAL_SCORES_FILE = "eval_scores.npz"
 ASSETS_DIR = "report_files"
 
 
@@ -57,14 +63,69 @@ def _float_map(value: Any) -> dict[str, float | None]:
     return {str(k): as_float(v) for k, v in value.items()} if isinstance(value, Mapping) else {}
 
 
+def ood_title(name: str) -> str:
+    """The display name of OOD source ``name`` ("Textures-GIMP"), or ``name`` if it is not a known source."""
+    from fedtrust.data.outliers import display_name
+
+    try:
+        return display_name(name)
+    except Exception:  # an unknown or since-removed source: the configured name will do
+        return name
+
+
+def ood_label(name: str, title: str | None = None) -> str:
+    """How the report names an OOD set: its display name, plus the configured name when that differs."""
+    title = title or ood_title(name)
+    return title if title.lower() == name.lower() else f"{title} ({name})"
+
+
+@dataclass(frozen=True)
+class OODScores:
+    """One OOD test set's per-sample scores: ``{score name: (N,) array}``, higher = more ID."""
+
+    name: str
+    title: str
+    scores: dict[str, np.ndarray]
+
+    @property
+    def label(self) -> str:
+        """The set's name in plots: display name (configured name)."""
+        return ood_label(self.name, self.title)
+
+
+@dataclass(frozen=True)
+class EvalScoresData:
+    """The contents of ``eval_scores.npz``: the final evaluation's per-sample outputs (primary predictor).
+
+    ``labels``, ``pred`` and ``confidence`` (max softmax) cover the ID test
+    set; ``id_scores`` and each ``ood`` entry hold the configured scores
+    (empty when the run had no OOD test sets).
+    """
+
+    round: int | None
+    predictor: str | None
+    labels: np.ndarray
+    pred: np.ndarray
+    confidence: np.ndarray
+    score_names: list[str]
+    id_scores: dict[str, np.ndarray]
+    ood: list[OODScores]
+
+    @property
+    def correct(self) -> np.ndarray:
+        """1.0 where the prediction is right, else 0.0."""
+        return (self.pred == self.labels).astype(np.float64)
+
+
 @dataclass
 class RunData:
     """Everything readable from one run directory, with accessors that return clean numbers.
 
-    ``config``, ``partition`` and ``summary`` are None when their file is
-    missing or unreadable; ``records`` holds the parsed lines of
+    ``config``, ``partition``, ``summary`` and ``eval_scores`` are None when
+    their file is missing or unreadable; ``records`` holds the parsed lines of
     ``metrics.jsonl`` (eval rounds are those with a ``test_acc`` key);
-    ``notes`` says, in words, what was missing or skipped.
+    ``notes`` says, in words, what was missing or skipped; ``scores_note``
+    says why there are no per-sample scores (None when there are).
     """
 
     path: Path
@@ -73,6 +134,8 @@ class RunData:
     partition: dict[str, Any] | None = None
     summary: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    eval_scores: EvalScoresData | None = None
+    scores_note: str | None = None
 
     # --- identity -----------------------------------------------------------
 
@@ -305,6 +368,70 @@ def _read_metrics(path: Path, notes: list[str]) -> list[dict[str, Any]]:
     return records
 
 
+def _str_list(data: Mapping[str, np.ndarray], key: str) -> list[str]:
+    """A string array of the ``.npz`` as a list (empty when absent)."""
+    return [str(v) for v in np.asarray(data[key]).reshape(-1)] if key in data else []
+
+
+def _scalar(data: Mapping[str, np.ndarray], key: str) -> Any:
+    """A 0-d entry of the ``.npz`` as a Python value, or None."""
+    if key not in data:
+        return None
+    value = np.asarray(data[key])
+    return value.item() if value.size == 1 else None
+
+
+def _vector(data: Mapping[str, np.ndarray], key: str, size: int | None, dtype: type) -> np.ndarray:
+    """A 1-d array of the ``.npz`` (of length ``size`` when given); ValueError names the key otherwise."""
+    if key not in data:
+        raise ValueError(f"no array {key!r}")
+    value = np.asarray(data[key])
+    if value.ndim != 1 or (size is not None and value.size != size):
+        raise ValueError(f"{key!r} has shape {value.shape}, expected ({size if size is not None else 'N'},)")
+    return value.astype(dtype)
+
+
+def _parse_eval_scores(data: Mapping[str, np.ndarray]) -> EvalScoresData:
+    """:class:`EvalScoresData` from the arrays of ``eval_scores.npz`` (``runner.rundir.write_eval_scores``)."""
+    labels = _vector(data, "labels", None, np.int64)
+    n = labels.size
+    names = _str_list(data, "scores")
+    sets = _str_list(data, "ood_sets")
+    titles = _str_list(data, "ood_titles")
+    titles = titles if len(titles) == len(sets) else [ood_title(s) for s in sets]
+    ood = [OODScores(name, title, {s: _vector(data, f"ood/{k}/{s}", None, np.float64) for s in names})
+           for k, (name, title) in enumerate(zip(sets, titles))]
+    round_ = _scalar(data, "round")
+    predictor = _scalar(data, "predictor")
+    return EvalScoresData(
+        round=int(round_) if isinstance(round_, (int, np.integer)) else None,
+        predictor=str(predictor) if predictor is not None else None,
+        labels=labels,
+        pred=_vector(data, "pred", n, np.int64),
+        confidence=_vector(data, "confidence", n, np.float64),
+        score_names=names,
+        id_scores={s: _vector(data, f"id/{s}", n, np.float64) for s in names},
+        ood=ood,
+    )
+
+
+def _read_eval_scores(path: Path, notes: list[str]) -> tuple[EvalScoresData | None, str | None]:
+    """The run's per-sample scores, or None and the reason (a broken file also gets a note)."""
+    if not path.is_file():
+        return None, (f"no {path.name} (a run from before per-sample scores were saved, or one that stopped "
+                      "before its last round): no score histograms, ROC curves or reliability diagram")
+    try:
+        if not zipfile.is_zipfile(path):
+            raise ValueError("not an .npz archive")
+        with np.load(path, allow_pickle=False) as npz:
+            scores = _parse_eval_scores({key: npz[key] for key in npz.files})
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        reason = f"{path.name} could not be read ({err})"
+        notes.append(reason)
+        return None, reason + ": no score histograms, ROC curves or reliability diagram"
+    return scores, None
+
+
 def load_run(run_dir: Path | str) -> RunData:
     """Read a run directory; missing or malformed files become notes, never exceptions."""
     path = Path(run_dir).resolve()
@@ -314,7 +441,8 @@ def load_run(run_dir: Path | str) -> RunData:
     partition = _read_mapping(path / PARTITION_FILE, notes, "no partition histogram")
     unfinished = "the run did not finish (final numbers come from metrics.jsonl)"
     summary = _read_mapping(path / SUMMARY_FILE, notes, unfinished)
-    return RunData(path, config, records, partition, summary, notes)
+    eval_scores, scores_note = _read_eval_scores(path / EVAL_SCORES_FILE, notes)
+    return RunData(path, config, records, partition, summary, notes, eval_scores, scores_note)
 
 
 # --- writing -----------------------------------------------------------------

@@ -154,8 +154,20 @@ def _predictor_section(runs: Sequence[RunData]) -> str:
     return "<h2>Predictors (final evaluation)</h2>\n" + _table(headers, rows)
 
 
-def _ood_section(runs: Sequence[RunData]) -> str:
-    """OOD detection metrics of the final evaluation, one row per run and OOD set (empty if none)."""
+def _ood_key(run: RunData, key: str) -> tuple[str, str]:
+    """A metrics.jsonl ``ood`` key ``"<set>/<score>"`` as (set name as the report shows it, score)."""
+    from fedtrust.report import ood_label
+
+    set_name, _, score = key.rpartition("/")
+    if not set_name:  # a key without a score part
+        set_name, score = key, MISSING
+    sc = run.eval_scores
+    titles = {o.name: o.title for o in sc.ood} if sc is not None else {}
+    return ood_label(set_name, titles.get(set_name)), score
+
+
+def _ood_table(runs: Sequence[RunData]) -> str:
+    """OOD detection metrics of the final evaluation, one row per run, OOD set and score (empty if none)."""
     metric_names: list[str] = []
     for run in runs:
         for values in run.final_ood.values():
@@ -163,12 +175,32 @@ def _ood_section(runs: Sequence[RunData]) -> str:
     if not metric_names:
         return ""
     rows = [
-        [(esc(run.name), False), (esc(ood_set), False)]
+        [(esc(run.name), False), *((esc(part), False) for part in _ood_key(run, key))]
         + [(esc(_fmt_metric(values.get(m))), True) for m in metric_names]
         for run in runs
-        for ood_set, values in run.final_ood.items()
+        for key, values in run.final_ood.items()
     ]
-    return "<h2>OOD detection (final evaluation)</h2>\n" + _table(["run", "OOD set", *metric_names], rows)
+    return _table(["run", "OOD set", "score", *metric_names], rows)
+
+
+def _ood_notes(runs: Sequence[RunData]) -> str:
+    """One line per run that has no per-sample OOD scores, saying why."""
+    items = []
+    for run in runs:
+        if run.scores_note is not None:
+            items.append(f"<li><strong>{esc(run.name)}</strong>: {esc(run.scores_note)}</li>")
+        elif run.eval_scores is not None and not run.eval_scores.ood:
+            items.append(f"<li><strong>{esc(run.name)}</strong>: no OOD test sets (<code>eval.ood</code> is empty): "
+                         "reliability diagram only</li>")
+    return '<div class="notes"><ul>\n' + "\n".join(items) + "\n</ul></div>" if items else ""
+
+
+def _ood_section(runs: Sequence[RunData], plots: Sequence[Plot], png_names: Mapping[str, str]) -> str:
+    """OOD detection, calibration and class groups: metrics table, notes, then the section's plots."""
+    parts = [_ood_table(runs), _ood_notes(runs)]
+    parts += [_figure_html(p, png_names.get(p.key)) for p in plots if p.section == "ood"]
+    body = "\n".join(part for part in parts if part)
+    return "<h2>OOD detection, calibration and class groups (final evaluation)</h2>\n" + body if body else ""
 
 
 def _figure_html(plot: Plot, png_name: str | None) -> str:
@@ -183,10 +215,11 @@ def _figure_html(plot: Plot, png_name: str | None) -> str:
 
 
 def _plots_section(plots: Sequence[Plot], png_names: Mapping[str, str]) -> str:
-    """All plots, or a line saying there is nothing to draw."""
-    if not plots:
+    """The training plots (not the OOD section's), or a line saying there is nothing to draw."""
+    shown = [p for p in plots if p.section != "ood"]
+    if not shown:
         return "<h2>Plots</h2>\n<p>No plots: none of the runs recorded metrics or a partition yet.</p>"
-    return "<h2>Plots</h2>\n" + "\n".join(_figure_html(p, png_names.get(p.key)) for p in plots)
+    return "<h2>Plots</h2>\n" + "\n".join(_figure_html(p, png_names.get(p.key)) for p in shown)
 
 
 def _config_section(runs: Sequence[RunData]) -> str:
@@ -229,8 +262,8 @@ def render_html(runs: Sequence[RunData], plots: Sequence[Plot], png_names: Mappi
             _summary_section(runs),
             _notes_section(runs),
             _predictor_section(runs),
-            _ood_section(runs),
             _plots_section(plots, png_names or {}),
+            _ood_section(runs, plots, png_names or {}),
             _config_section(runs),
             f"<footer>Written by fedtrust {esc(_version())}. Accuracies are on the test split; "
             "per-client accuracy is each client's personalized accuracy on its local test data.</footer>",

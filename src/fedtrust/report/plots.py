@@ -6,6 +6,13 @@ chosen per figure, never through ``pyplot``, so writing a report neither
 touches the user's global backend nor leaks figures. Runs get one colour each
 (``tab10`` order) in every plot; within a run, extra predictors get dashed
 and dotted lines. Accuracies are drawn in percent.
+
+The OOD section's plots (score histograms, ROC curves, reliability diagram)
+draw the final evaluation's per-sample scores (``eval_scores.npz``); there,
+inside a run's panels, colours tell the ID set, OOD sets and scores apart,
+and several runs are stacked as rows (or panels) of one figure. ROC curves
+come from :func:`sklearn.metrics.roc_curve`; reliability bins from
+:func:`fedtrust.ood.metrics.calibration`, the function ``ece`` uses.
 """
 
 from __future__ import annotations
@@ -26,35 +33,51 @@ from matplotlib.collections import PolyCollection
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter, StrMethodFormatter
+
+from fedtrust.ood.metrics import Calibration, calibration
 
 if TYPE_CHECKING:
-    from fedtrust.report import RunData
+    from fedtrust.report import EvalScoresData, RunData
 
 __all__ = [
     "MAX_HIST_CLIENTS",
     "Plot",
+    "RocCurve",
     "client_acc_png",
     "curves_png",
     "groups_png",
     "make_plots",
+    "ood_hist_png",
     "partition_png",
+    "reliability",
+    "reliability_png",
+    "roc_curves",
+    "roc_png",
+    "score_label",
 ]
 
 MAX_HIST_CLIENTS = 50  # the partition histogram shows at most this many clients
 DPI = 100
 LINESTYLES = ("-", "--", ":", "-.")
 GROUPS = (("group_acc", ("many", "medium", "few")), ("hmt_acc", ("head", "middle", "tail")))
+HIST_BINS = 40
+SCORE_LABELS = {"msp": "MSP", "maxlogit": "MaxLogit", "energy": "Energy (−E, T = 1)", "rn": "RN (‖z‖₂)"}
 
 
 @dataclass(frozen=True)
 class Plot:
-    """A rendered plot: ``key`` names its PNG file, ``title`` and ``caption`` go into the page."""
+    """A rendered plot: ``key`` names its PNG file, ``title`` and ``caption`` go into the page.
+
+    ``section`` says where the page shows it: ``"plots"`` (training) or ``"ood"``
+    (OOD detection, calibration and class groups).
+    """
 
     key: str
     title: str
     caption: str
     png: bytes
+    section: str = "plots"
 
 
 # --- figure helpers ----------------------------------------------------------
@@ -231,7 +254,10 @@ def _per_class_panel(ax: Axes, runs: Sequence[RunData]) -> None:
         return
     positive = [n for n in counts_seen if n > 0]
     if positive and len(positive) == len(counts_seen) and max(positive) >= 10 * min(positive):
-        ax.set_xscale("log")
+        ax.set_xscale("log")  # ticks at 1, 2, 5 x 10^k, written as plain numbers (no crowded 3x10^1 labels)
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set(xlabel="training examples of the class", ylabel="accuracy (%)", ylim=(-3, 103),
            title="per-class accuracy vs class count")
     ax.grid(alpha=0.3)
@@ -308,6 +334,219 @@ def partition_png(run: RunData) -> bytes | None:
     return _png(fig)
 
 
+# --- (5) OOD scores: histograms, ROC curves, reliability ------------------------
+
+
+def score_label(name: str) -> str:
+    """How plots name a score: ``MSP``, ``RN (‖z‖₂)``, ...; an unknown score keeps its name."""
+    return SCORE_LABELS.get(name, name)
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    """The finite entries of ``values`` (a non-finite score cannot be binned or ranked)."""
+    return values[np.isfinite(values)]
+
+
+@dataclass(frozen=True)
+class RocCurve:
+    """The ROC curve of one score on one OOD set, OOD as the positive class.
+
+    ``fpr``: fraction of ID test images flagged as OOD; ``tpr``: fraction of
+    OOD images detected, both as the threshold on ``−score`` falls.
+    """
+
+    ood_set: str
+    ood_label: str
+    score: str
+    fpr: np.ndarray
+    tpr: np.ndarray
+    auroc: float
+
+    @property
+    def label(self) -> str:
+        """The legend entry: score and AUROC in percent (as the report's tables print it)."""
+        return f"{score_label(self.score)}: AUROC {100 * self.auroc:.2f}%"
+
+
+def roc_curves(scores: EvalScoresData) -> list[RocCurve]:
+    """Every (OOD set, score) ROC curve of a run, from :func:`sklearn.metrics.roc_curve`.
+
+    The labels are y = 1 for OOD and the ranking is ``−score`` (spec rna.md §4),
+    so the area equals the ``ood["<set>/<score>"]["auroc"]`` of metrics.jsonl.
+    """
+    from sklearn.metrics import auc, roc_curve
+
+    curves = []
+    for ood in scores.ood:
+        for name in scores.score_names:
+            s_id, s_ood = _finite(scores.id_scores[name]), _finite(ood.scores[name])
+            if not (s_id.size and s_ood.size):
+                continue
+            y = np.r_[np.zeros(s_id.size), np.ones(s_ood.size)]
+            fpr, tpr, _ = roc_curve(y, -np.r_[s_id, s_ood])
+            curves.append(RocCurve(ood.name, ood.label, name, fpr, tpr, float(auc(fpr, tpr))))
+    return curves
+
+
+def reliability(scores: EvalScoresData) -> Calibration:
+    """Reliability-diagram bins and ECE of the ID test predictions (``ece``'s own function and bins)."""
+    return calibration(scores.confidence, scores.correct)
+
+
+def _ood_runs(runs: Sequence[RunData]) -> list[tuple[int, RunData, EvalScoresData]]:
+    """(run index, run, scores) of the runs with per-sample scores on at least one OOD set."""
+    return [(i, run, run.eval_scores) for i, run in enumerate(runs)
+            if run.eval_scores is not None and run.eval_scores.ood and run.eval_scores.score_names]
+
+
+def _grid(rows: int, cols: int, width: float, height: float) -> tuple[Figure, np.ndarray]:
+    """A figure of ``rows`` x ``cols`` panels of ``width`` x ``height`` inches each."""
+    fig = _figure(width * cols, height * rows)
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def _row_title(ax: Axes, run: RunData, what: str, several: bool) -> None:
+    """A panel title: ``what``, preceded by the run's label when several runs share the figure."""
+    ax.set_title(f"{run.label}\n{what}" if several else what, fontsize="medium")
+
+
+def _clip_spike(ax: Axes, peaks: list[tuple[float, str, float]]) -> None:
+    """Cap the y axis when one set's peak dwarfs the others (a spike would flatten them); label the cut peak.
+
+    ``peaks`` holds (peak density, colour, x of the peak bin) per set.
+    """
+    if len(peaks) < 2:
+        return
+    ranked = sorted(peaks, reverse=True)
+    top, second = ranked[0][0], ranked[1][0]
+    if second <= 0 or top <= 3 * second:
+        return
+    cap = 1.6 * second
+    ax.set_ylim(0, cap)
+    for peak, color, x in ranked:
+        if peak > cap:
+            ax.annotate(f"↑ {peak:.3g}", (x, cap), xytext=(3, -3), textcoords="offset points", ha="left", va="top",
+                        fontsize="small", color=color, fontweight="bold",
+                        bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none", "pad": 1})
+
+
+def _hist_panel(ax: Axes, run: RunData, scores: EvalScoresData, name: str) -> None:
+    """Density histograms of score ``name``: ID test set vs each OOD set, on bins shared by all."""
+    sets = [(f"ID: {run.dataset or 'test'} test set", _finite(scores.id_scores[name]), "0.3")]
+    sets += [(ood.label, _finite(ood.scores[name]), _color(k)) for k, ood in enumerate(scores.ood)]
+    pooled = np.concatenate([values for _, values, _ in sets])
+    if not pooled.size:
+        _no_data(ax, "finite score")
+        return
+    edges = np.histogram_bin_edges(pooled, bins=HIST_BINS)
+    peaks = []
+    for label, values, color in sets:
+        if values.size:
+            density, _, _ = ax.hist(values, bins=edges, density=True, histtype="stepfilled", color=color, alpha=0.3)
+            ax.hist(values, bins=edges, density=True, histtype="step", color=color, linewidth=1.4,
+                    label=f"{label} (n={values.size})")
+            k = int(np.argmax(density))
+            peaks.append((float(density[k]), color, float(edges[k])))
+    _clip_spike(ax, peaks)
+    ax.set(xlabel="score (higher = more in-distribution)", ylabel="density")
+    ax.grid(alpha=0.3)
+
+
+def ood_hist_png(runs: Sequence[RunData]) -> bytes | None:
+    """Score histograms, ID vs each OOD set: one panel per score, one row per run with OOD scores."""
+    shown = _ood_runs(runs)
+    if not shown:
+        return None
+    cols = max(len(sc.score_names) for _, _, sc in shown)
+    fig, axes = _grid(len(shown), cols, 4.4 if cols > 1 else 6.5, 3.6)
+    for row, (_, run, sc) in zip(axes, shown):
+        for c, ax in enumerate(row):
+            if c >= len(sc.score_names):
+                ax.set_visible(False)
+                continue
+            _hist_panel(ax, run, sc, sc.score_names[c])
+            _row_title(ax, run, score_label(sc.score_names[c]), len(runs) > 1)
+        row[0].legend(fontsize="small", framealpha=0.85, edgecolor="none", loc="best")
+    return _png(fig)
+
+
+def roc_png(runs: Sequence[RunData]) -> bytes | None:
+    """ROC curves: one panel per OOD set, one curve per score (AUROC in the legend), one row per run."""
+    shown = _ood_runs(runs)
+    if not shown:
+        return None
+    cols = max(len(sc.ood) for _, _, sc in shown)
+    fig, axes = _grid(len(shown), cols, 4.4, 4.2)
+    for row, (_, run, sc) in zip(axes, shown):
+        curves = roc_curves(sc)
+        for c, ax in enumerate(row):
+            if c >= len(sc.ood):
+                ax.set_visible(False)
+                continue
+            ood = sc.ood[c]
+            ax.plot([0, 1], [0, 1], color="0.6", linewidth=1, linestyle="--", label="chance (AUROC 50%)")
+            for curve in curves:
+                if curve.ood_set == ood.name:
+                    j = sc.score_names.index(curve.score)  # styles differ too: identical curves stay visible
+                    ax.plot(curve.fpr, curve.tpr, color=_color(j), linestyle=LINESTYLES[j % len(LINESTYLES)],
+                            linewidth=2.4 - 0.4 * (j % 3), label=curve.label)
+            ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.02), aspect="equal",
+                   xlabel="ID test images flagged as OOD (FPR)", ylabel="OOD images detected (TPR)")
+            _row_title(ax, run, f"ID vs {ood.label}", len(runs) > 1)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small", framealpha=0.85, edgecolor="none", loc="lower right")
+    return _png(fig)
+
+
+def _reliability_panel(ax: Axes, ax_count: Axes, run: RunData, scores: EvalScoresData,
+                       color: tuple[float, ...]) -> None:
+    """Accuracy per confidence bin (bars) with the gap to the bin's mean confidence (hatched); counts below."""
+    cal = reliability(scores)
+    centers = 100 * (cal.edges[:-1] + cal.edges[1:]) / 2
+    width = 100 * float(np.diff(cal.edges).min()) * 0.92
+    full = cal.count > 0
+    acc, conf = 100 * np.nan_to_num(cal.accuracy), 100 * np.nan_to_num(cal.confidence)
+    ax.plot([0, 100], [0, 100], color="0.4", linewidth=1, linestyle="--", label="perfect calibration")
+    ax.bar(centers[full], acc[full], width=width, color=color, alpha=0.85, label="accuracy of the bin")
+    ax.bar(centers[full], (conf - acc)[full], bottom=acc[full], width=width, fill=False, edgecolor="0.15",
+           hatch="////", linewidth=0.8, label="gap to its mean confidence")
+    accuracy = float(scores.correct.mean())
+    ax.set(xlim=(0, 100), ylim=(0, 100), ylabel="accuracy (%)")
+    ax.set_title(f"{run.label}\nECE {100 * cal.ece:.2f}% · accuracy {100 * accuracy:.2f}%", fontsize="medium")
+    ax.tick_params(labelbottom=False)
+    ax.grid(alpha=0.3)
+    ax_count.bar(centers, cal.count, width=width, color="0.55")
+    ax_count.set(xlim=(0, 100), xlabel="confidence: max softmax (%)", ylabel="images")
+    ax_count.yaxis.set_major_locator(MaxNLocator(nbins=3, integer=True))
+    ax_count.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    ax_count.legend(handles, labels, fontsize="small", frameon=False, loc="upper center",
+                    bbox_to_anchor=(0.5, -0.55), ncols=2)
+
+
+def reliability_png(runs: Sequence[RunData]) -> bytes | None:
+    """Reliability diagram of each run's final ID test predictions (one panel per run with scores)."""
+    shown = [(i, run) for i, run in enumerate(runs) if run.eval_scores is not None and run.eval_scores.labels.size]
+    if not shown:
+        return None
+    cols = min(len(shown), 3)
+    rows = math.ceil(len(shown) / cols)
+    fig = _figure(4.6 * cols, 5.4 * rows)
+    axes = fig.subplots(2 * rows, cols, squeeze=False, sharex="col",
+                        gridspec_kw={"height_ratios": [3.2, 1] * rows})
+    for k in range(rows * cols):
+        r, c = divmod(k, cols)
+        ax, ax_count = axes[2 * r, c], axes[2 * r + 1, c]
+        if k < len(shown):
+            i, run = shown[k]
+            assert run.eval_scores is not None
+            _reliability_panel(ax, ax_count, run, run.eval_scores, _color(i))
+        else:
+            ax.set_visible(False)
+            ax_count.set_visible(False)
+    return _png(fig)
+
+
 # --- all plots of a report ---------------------------------------------------
 
 
@@ -330,19 +569,30 @@ def make_plots(runs: Sequence[RunData]) -> list[Plot]:
     plots: list[Plot] = []
     several = len(runs) > 1
 
-    def add(key: str, title: str, caption: str, png: bytes | None) -> None:
+    def add(key: str, title: str, caption: str, png: bytes | None, section: str = "plots") -> None:
         if png is not None:
-            plots.append(Plot(key, title, caption, png))
+            plots.append(Plot(key, title, caption, png, section))
 
     add("curves", "Training curves", "Test accuracy (eval rounds) and train loss per round"
         + (", runs overlaid." if several else "."), curves_png(runs))
     add("client_acc", "Per-client accuracy", "Personalized accuracy of each client at the final evaluation, "
         "sorted; the dashed line is the mean over clients with a test set.", client_acc_png(runs))
-    add("groups", "Accuracy by class group", "Left: accuracy on many/medium/few-shot and head/middle/tail "
-        "classes. Right: each class's accuracy against its number of training examples.", groups_png(runs))
     for k, group in enumerate(_partition_groups(runs)):
         names = ", ".join(run.name for run in group)
         key = "partition" if not several else f"partition-{k + 1}-{_safe_key(group[0].name)}"
         caption = f"Class counts per client (stacked), training split. Run(s): {names}."
         add(key, f"Partition ({names})" if several else "Partition", caption, partition_png(group[0]))
+    rows = " Rows: runs." if len(_ood_runs(runs)) > 1 else ""
+    add("ood_hist", "OOD score histograms", "Final evaluation, primary predictor: density of each score on the "
+        "ID test set and on each OOD test set, on bins shared within a panel (higher = more "
+        f"in-distribution).{rows}", ood_hist_png(runs), "ood")
+    add("ood_roc", "ROC curves", "OOD as the positive class, ranked by the negated score: x is the fraction of "
+        "ID test images flagged as OOD, y the fraction of OOD images detected; the legend gives each score's "
+        f"AUROC (the table's number, from the same scores).{rows}", roc_png(runs), "ood")
+    add("reliability", "Reliability diagram", "Final evaluation, primary predictor, ID test set: accuracy per "
+        "confidence bin (15 equal-width bins of the max softmax, the bins of ECE), hatched: the gap to the "
+        "bin's mean confidence; the dashed diagonal is perfect calibration. Below: test images per bin.",
+        reliability_png(runs), "ood")
+    add("groups", "Accuracy by class group", "Left: accuracy on many/medium/few-shot and head/middle/tail "
+        "classes. Right: each class's accuracy against its number of training examples.", groups_png(runs), "ood")
     return plots

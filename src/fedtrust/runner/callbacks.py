@@ -9,24 +9,34 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from fedtrust.fl.evaluate import EvalSetup, evaluate
+from fedtrust.fl.evaluate import EvalScores, EvalSetup, evaluate
 from fedtrust.fl.executor import Callback, RoundReport
 from fedtrust.fl.protocol import Algorithm
 from fedtrust.runner.checkpoint import Checkpoint, save_checkpoint
-from fedtrust.runner.rundir import MetricsWriter
+from fedtrust.runner.rundir import MetricsWriter, write_eval_scores
 
 
 class Evaluator(Callback):
-    """Evaluates every ``every`` rounds and after the last round; puts the results in the report."""
+    """Evaluates every ``every`` rounds and after the last round; puts the results in the report.
 
-    def __init__(self, algorithm: Algorithm, setup: EvalSetup, every: int, rounds: int) -> None:
+    With ``run_dir``, the last round's evaluation also saves its per-sample
+    scores there (``eval_scores.npz``, for the report's OOD plots).
+    """
+
+    def __init__(self, algorithm: Algorithm, setup: EvalSetup, every: int, rounds: int,
+                 run_dir: Path | None = None) -> None:
         self.algorithm, self.setup, self.every, self.rounds = algorithm, setup, every, rounds
+        self.run_dir = run_dir
         self.last: dict[str, Any] | None = None
 
     def after_round(self, report: RoundReport) -> None:
         if report.round % self.every == 0 or report.round == self.rounds:
-            self.last = evaluate(self.algorithm, report.state, report.store, self.setup)
+            capture = EvalScores() if self.run_dir is not None and report.round == self.rounds else None
+            self.last = evaluate(self.algorithm, report.state, report.store, self.setup, capture)
             report.metrics.update(self.last)
+            if capture is not None:
+                assert self.run_dir is not None
+                write_eval_scores(self.run_dir, report.round, capture)
 
 
 class MetricsLogger(Callback):

@@ -24,7 +24,7 @@ from fedtrust.data.partition import partition, partition_stats
 from fedtrust.data.types import Dataset
 from fedtrust.errors import ConfigError
 from fedtrust.fl.context import AlgorithmContext, LocalSchedule
-from fedtrust.fl.evaluate import EvalSetup
+from fedtrust.fl.evaluate import EvalSetup, EvaluatesClients
 from fedtrust.fl.executor import ClientData, Executor
 from fedtrust.fl.protocol import Algorithm, OptimizerSpec
 from fedtrust.fl.sampling import clients_per_round
@@ -117,6 +117,8 @@ def build_federation(cfg: RunConfig) -> Federation:
     executor_cls = get("executor", name)
     extra = {"config": cfg} if "config" in inspect.signature(executor_cls).parameters else {}
     executor = executor_cls(algorithm, data, cfg.seed, device, k, **extra)
+    if isinstance(executor, EvaluatesClients):  # client state kept off the server (Flower): scored where it lives
+        eval_setup.client_evaluator = executor.evaluate_clients
     return Federation(cfg, dataset, data, stats, algorithm, executor, eval_setup, device)
 
 

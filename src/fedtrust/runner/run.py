@@ -2,7 +2,8 @@
 
 The CLI is a thin layer over :func:`run`. A run writes ``config.yaml``,
 ``partition.json``, ``metrics.jsonl`` (a line per round), atomic checkpoints,
-``summary.json`` and ``report.html``. ``resume=RUN_DIR`` continues an
+``eval_scores.npz`` (the final evaluation's per-sample scores), ``summary.json``
+and ``report.html``. ``resume=RUN_DIR`` continues an
 interrupted run and ends with exactly the metrics and weights of an
 uninterrupted one on CPU.
 """
@@ -89,7 +90,7 @@ def run(config: RunConfig | dict | str | Path | None = None, overrides: list[str
         console.print(f"resuming {run_dir} after round {start}")
     rundir.write_json(run_dir / rundir.PARTITION, fed.partition)
 
-    evaluator = Evaluator(fed.algorithm, fed.eval_setup, cfg.eval.every, cfg.rounds)
+    evaluator = Evaluator(fed.algorithm, fed.eval_setup, cfg.eval.every, cfg.rounds, run_dir)
     callbacks = [evaluator, MetricsLogger(run_dir, offset),
                  Checkpointer(run_dir, config_to_dict(cfg), cfg.checkpoint_every, cfg.rounds)]
     if progress:

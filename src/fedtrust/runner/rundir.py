@@ -1,8 +1,9 @@
 """The run directory: resolved config, partition statistics, metrics, summary (DESIGN principle 5).
 
 ``metrics.jsonl`` is appended and flushed as each round ends, so a killed run
-keeps every finished round; ``summary.json`` and ``config.yaml`` are written
-atomically (temporary file, then rename).
+keeps every finished round; ``summary.json``, ``config.yaml`` and
+``eval_scores.npz`` (per-sample scores of the final evaluation, for the
+report's OOD plots) are written atomically (temporary file, then rename).
 """
 
 from __future__ import annotations
@@ -12,16 +13,24 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import torch
 import yaml
 
+from fedtrust.data.outliers import display_name
 from fedtrust.errors import FedTrustError
+
+if TYPE_CHECKING:
+    from fedtrust.fl.evaluate import EvalScores
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 PARTITION = "partition.json"
+EVAL_SCORES = "eval_scores.npz"
+EVAL_SCORES_VERSION = 1
 
 
 def jsonable(x: Any) -> Any:
@@ -72,6 +81,61 @@ def write_config(run_dir: Path, config: dict[str, Any]) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     write_atomic(path, json.dumps(jsonable(data), indent=2) + "\n")
+
+
+def write_eval_scores(run_dir: Path, eval_round: int, scores: EvalScores) -> Path:
+    """Save the final evaluation's per-sample outputs as ``run_dir/eval_scores.npz``, atomically.
+
+    A plain ``.npz`` (no pickled objects: ``np.load`` reads it with the
+    default ``allow_pickle=False``) of the primary predictor's outputs:
+
+    ============  ==========  =====================================================
+    key           dtype       shape, meaning
+    ============  ==========  =====================================================
+    version       int64       (), format version (1)
+    round         int64       (), the round evaluated
+    predictor     str         (), the predictor's name
+    labels        int64       (N,) ID test labels
+    pred          int64       (N,) predicted class (argmax)
+    confidence    float64     (N,) max softmax probability, as ``ece`` bins it
+    scores        str         (S,) score names (``eval.scores``; empty without OOD sets)
+    ood_sets      str         (K,) OOD set names as configured (``eval.ood``)
+    ood_titles    str         (K,) their display names ("Textures-GIMP", ...)
+    id/<score>    float32     (N,) the score on the ID test set
+    ood/<k>/<s>   float32     (N_k,) score ``s`` on OOD set ``ood_sets[k]``
+    ============  ==========  =====================================================
+
+    Scores are ID-ness scores (higher = more in-distribution).
+    """
+    assert scores.labels is not None and scores.logits is not None, "evaluate() did not fill the scores"
+    prob = torch.softmax(scores.logits.detach().double(), dim=1)  # as fedtrust.ood.metrics.calibration_from_logits
+    confidence, pred = prob.max(dim=1)
+    names = list(scores.id_scores)
+    sets = list(scores.ood_scores)
+    arrays: dict[str, np.ndarray] = {
+        "version": np.asarray(EVAL_SCORES_VERSION, dtype=np.int64),
+        "round": np.asarray(eval_round, dtype=np.int64),
+        "predictor": np.asarray(scores.predictor, dtype=np.str_),
+        "labels": scores.labels.detach().cpu().numpy().astype(np.int64),
+        "pred": pred.cpu().numpy().astype(np.int64),
+        "confidence": confidence.cpu().numpy(),
+        "scores": np.asarray(names, dtype=np.str_).reshape(-1),
+        "ood_sets": np.asarray(sets, dtype=np.str_).reshape(-1),
+        "ood_titles": np.asarray([display_name(s) for s in sets], dtype=np.str_).reshape(-1),
+    }
+    for name, values in scores.id_scores.items():
+        arrays[f"id/{name}"] = values.detach().float().cpu().numpy()
+    for k, set_name in enumerate(sets):
+        for name, values in scores.ood_scores[set_name].items():
+            arrays[f"ood/{k}/{name}"] = values.detach().float().cpu().numpy()
+    path = run_dir / EVAL_SCORES
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
