@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fedtrust.errors import FedTrustError
 
+ROLES = {"train": "training outliers", "test": "OOD tests", "either": "training outliers or OOD tests"}
 LIST_KINDS = ("algorithm", "objective", "score", "dataset", "outliers", "partitioner", "model", "executor")
 
 
@@ -52,11 +53,18 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for kind in kinds:
         if kind not in LIST_KINDS:
             raise FedTrustError(f"unknown kind {kind!r}; valid: {', '.join(LIST_KINDS)}")
-        print(f"{kind}s:")
+        print(f"{kind}:" if kind.endswith("s") else f"{kind}s:")
         for name in names(kind):
-            doc = (getattr(get(kind, name), "__doc__", None) or "").strip().splitlines()
-            print(f"  {name:<16} {doc[0] if doc else ''}")
+            print(f"  {name:<16} {_describe(get(kind, name))}")
     return 0
+
+
+def _describe(obj: object) -> str:
+    """One line for ``fedtrust list``: an outlier source's display name and role, else the first docstring line."""
+    if hasattr(obj, "display") and hasattr(obj, "role"):
+        return f"{obj.display} (for {ROLES.get(obj.role, obj.role)})"
+    doc = (getattr(obj, "__doc__", None) or "").strip().splitlines()
+    return doc[0] if doc else ""
 
 
 def _cmd_flower_app(args: argparse.Namespace) -> int:

@@ -252,3 +252,34 @@ def test_digits_lt_global_head_norms_follow_class_frequency_and_ga_fr_lifts_the_
     by = run.summary["by_predictor"]
     assert by["global"]["hmt_acc"]["tail"] > by["global_raw"]["hmt_acc"]["tail"]
     assert by["global"]["test_acc"] >= by["global_raw"]["test_acc"]
+
+
+@pytest.mark.slow
+def test_rna_objective_inside_fedloge_trains_the_projection_and_reports_ood(tmp_path):
+    """Long-tailed federated OOD detection by config: FedLoGe's backbone objective swapped for RNA (issue 7)."""
+    import fedtrust
+
+    run = fedtrust.run("configs/fedloge-digits-lt.yaml", [
+        "objective.name=rna", "data.outliers=photos", "data.num_outliers=600", "model.bn_affine=false",
+        "algorithm.bn_aggregation=pooled", "rounds=2", "eval.every=2", "eval.ood=[noise]", "eval.scores=[msp,rn]",
+        f"out={tmp_path / 'run'}"], progress=False, report=False)
+    state = run.state.arrays
+    proj = [k for k in state if k.startswith("backbone/projection.")]
+    assert proj, "the RNA projection head must travel with the backbone"
+    fed = federation("objective.name=rna", "data.outliers=photos", "model.bn_affine=false")
+    algo = fed.algorithm
+    torch.manual_seed(0)
+    plan = algo.local_training(algo.configure(algo.init(), 1, [0])[0], Message())
+    assert any(n.startswith("backbone.projection.") for n in plan.trainable)
+    net = plan.model
+    net.load_state_dict(plan.init)
+    x = algo.ctx.normalize(fed.data.train.x[:8])
+    batch = {"x": x, "y": fed.data.train.y[:8], "x_ood": torch.rand_like(x)}
+    algo.local_loss(net, {}, batch, {}).backward()
+    grads = [p.grad for n, p in net.named_parameters() if n.startswith("backbone.projection.")]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)  # the RNA term reaches h
+    assert not any(k.startswith("head_l/") for k in state)
+    for name in ("universal", "global"):
+        ood = run.summary["by_predictor"][name]["ood"]["noise/rn"]
+        assert 0.0 <= ood["auroc"] <= 1.0
+    assert run.summary["by_predictor"]["universal"]["feature_norm"]["id"] > 0

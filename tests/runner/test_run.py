@@ -119,3 +119,14 @@ def test_cli_list_shows_every_registry():
                           timeout=120, check=True)
     for name in ("fedavg", "fedprox", "digits", "dirichlet", "cnn", "resnet18", "ce"):
         assert name in proc.stdout
+
+
+def test_cli_list_outliers_names_each_source_and_its_side(capsys):
+    from fedtrust.cli import main
+
+    assert main(["list", "outliers"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "outliers:"
+    lines = {line.split()[0]: line for line in out[1:]}
+    assert "Animal-MNIST (for OOD tests)" in lines["animal_mnist"]
+    assert "skimage photos (for training outliers)" in lines["photos"]

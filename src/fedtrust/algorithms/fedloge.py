@@ -146,6 +146,11 @@ class FedLoGeNet(nn.Module):
     def head(self) -> nn.Linear:
         return self.sse_c
 
+    @property
+    def projection(self) -> nn.Module | None:
+        """The projection head an objective attached to the backbone (RNA, PASCL: ``wrap_model``), if any."""
+        return getattr(self.backbone, "projection", None)
+
     def features(self, x: Tensor) -> Tensor:
         return self.backbone.features(x)
 
@@ -221,7 +226,11 @@ class FedLoGe(FedAvg):
             universal = F.cross_entropy(model.sse_c(f), y)
         else:
             universal = self.ctx.objective(model, batch)
-            f = model.features(x)
+            # The heads' features come from a second forward. With outliers in the batch it is the same
+            # joint ID+outlier forward (ID rows kept), so BN running statistics keep tracking the mixture
+            # the objective chose (RNA, spec rna.md §1) instead of being pulled back to ID-only statistics.
+            x_ood = batch.get("x_ood")
+            f = model.features(x if x_ood is None else torch.cat([x, x_ood]))[: x.shape[0]]
         f = f.detach()
         return universal + F.cross_entropy(model.head_g(f), y) + F.cross_entropy(model.head_l(f), y)
 

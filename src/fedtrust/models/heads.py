@@ -46,6 +46,11 @@ class FeatureHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.backbone.features(x))
 
+    def forward_features_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(z, head(z))`` from one pass: what OOD evaluation scores (RN reads ``z``)."""
+        z = self.backbone.features(x)
+        return z, self.head(z)
+
 
 def projection_mlp(d: int, out_dim: int = PROJECTION_DIM) -> nn.Sequential:
     """``Linear(d, d) - ReLU - Linear(d, out_dim)``: the projection head of RNA/PASCL (spec §1)."""
