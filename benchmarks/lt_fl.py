@@ -102,7 +102,7 @@ def result_rows(label: str, runs: list[dict[str, Any]], predictors: tuple[str, .
     rows = []
     for p in predictors:
         views = [predictor_view(r, p) for r in runs]
-        personal = p in PERSONAL or (label != "FedLoGe" and p == "personalized")
+        personal = p in PERSONAL
         g = (lambda key, sub=None: "—") if personal else (
             lambda key, sub=None: mean_std([v[key][sub] if sub else v[key] for v in views]))
         rows.append([label, PREDICTOR_LABELS.get(p, p), g("test_acc"), g("hmt_acc", "head"), g("hmt_acc", "middle"),
@@ -113,8 +113,8 @@ def result_rows(label: str, runs: list[dict[str, Any]], predictors: tuple[str, .
 
 def predictors_of(summary: dict[str, Any]) -> tuple[str, ...]:
     by = summary.get("by_predictor")
-    if not by:
-        return ("global",)
+    if not by:  # one predictor: FedPer and FedRep keep the whole head personal, so theirs is personalized
+        return ("personalized",) if summary["algorithm"] in ("fedper", "fedrep") else ("global",)
     names = tuple(by)
     return tuple(p for p in FEDLOGE_PREDICTORS if p in names) if "universal" in names else names
 
@@ -147,6 +147,8 @@ def main() -> None:
     parser.add_argument("--fmnist-epochs", type=int, default=1)
     parser.add_argument("--fmnist-width", type=int, default=16)
     parser.add_argument("--work", default="runs/bench-lt-fl")
+    parser.add_argument("--analysis", default="benchmarks/lt_fl_analysis.md",
+                        help="hand-written analysis appended to the results file (kept when the tables are redone)")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     work = Path(args.work)
@@ -200,6 +202,9 @@ def main() -> None:
                                      mean_std([x["client_acc_masked_mean"] for x in v])])
             lines += ["", "### Ablations on digits-LT: dense vs sparse ETF, SSE-C norm target", "",
                       *md_table(["FedLoGe variant", "predictor", "Global", "Tail", "Pers.", "Pers. masked"], abl_rows, 2)]
+    analysis = REPO / args.analysis
+    if analysis.is_file():
+        lines += ["", analysis.read_text().rstrip()]
     write_results("lt_fl.md", lines)
 
 

@@ -32,8 +32,8 @@ from typing import Any
 
 from runpool import REPO, Job, md_table, mean_std, run_jobs, write_results
 
-# method -> (preset, the score the method's paper reports with)
-METHODS = {
+# method -> (preset, the score the method's paper reports with[, extra overrides])
+METHODS: dict[str, tuple] = {
     "CE + MSP": ("rna-baseline-ce-digits-lt.yaml", "msp"),
     "LA + MSP": ("rna-baseline-la-digits-lt.yaml", "msp"),
     "OE": ("rna-baseline-oe-digits-lt.yaml", "msp"),
@@ -44,6 +44,9 @@ METHODS = {
     "RNA": ("rna-digits-lt.yaml", "rn"),
     "RNA, no outliers in BN (ablation)": ("rna-baseline-rna_no_outliers-digits-lt.yaml", "rn"),
     "RNA, federated (FedAvg, 20 clients)": ("rna-fedavg-digits-lt.yaml", "rn"),
+    # the federated control: the same federated recipe and model with LA and no outliers
+    "LA + MSP, federated (FedAvg, 20 clients)": ("rna-fedavg-digits-lt.yaml", "msp",
+                                                 ["objective.name=la", "data.outliers=null"]),
 }
 SCORES = ("msp", "energy", "rn")
 COLS = ["AUC", "AUPR", "FPR95", "FPR95 (ID recall)", "ACC", "Many", "Medium", "Few", "ECE"]
@@ -84,10 +87,12 @@ def settings(fmnist_epochs: int, fmnist_width: int) -> dict[str, Setting]:
 
 
 def job(s: Setting, method: str, seed: int, work: Path) -> Job:
-    preset = METHODS[method][0]
+    preset, _, *extra = METHODS[method]
+    extra = list(extra[0]) if extra else []
     ood = [f"eval.ood=[{','.join(s.ood_sets)}]", f"eval.scores=[{','.join(SCORES)}]"]
-    return Job(f"{s.name}/{method}/s{seed}", REPO / "configs" / preset, [*s.overrides, *ood, f"seed={seed}"],
-               work / s.name / f"{preset[:-5]}-s{seed}")
+    slug = preset[:-5] + "".join("-" + o.split("=")[1] for o in extra if o.startswith("objective.name="))
+    return Job(f"{s.name}/{method}/s{seed}", REPO / "configs" / preset, [*s.overrides, *extra, *ood, f"seed={seed}"],
+               work / s.name / f"{slug}-s{seed}")
 
 
 def row(summary: dict[str, Any], score: str, ood_sets: tuple[str, ...]) -> dict[str, float]:
