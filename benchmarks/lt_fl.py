@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 from scipy.stats import spearmanr
 
-from runpool import REPO, Job, md_table, mean_std, run_jobs, write_results
+from runpool import REPO, Job, md_table, mean_std, run_jobs, total_minutes, write_results
 
 PRESETS = {"digits": "fedloge-digits-lt.yaml", "fmnist": "fedloge-fmnist-lt.yaml"}
 TITLES = {"digits": "digits-LT (imbalance ratio 10, 20 clients)",
@@ -162,7 +162,6 @@ def main() -> None:
             continue
         settings[d] = prepare(d, work, fm_extra if d == "fmnist" else [])
     all_jobs = {d: jobs_for(s, seeds, work, ablations=d == "digits") for d, s in settings.items()}
-    t0 = time.time()
     run_jobs([j for jobs in all_jobs.values() for j in jobs.values()], args.jobs)
 
     cmd = (f"python benchmarks/lt_fl.py --seeds {args.seeds} --jobs {args.jobs} --datasets {args.datasets} "
@@ -170,7 +169,7 @@ def main() -> None:
     lines = ["# Long-tailed federated learning: FedLoGe vs baselines (issue 7)", "",
              f"Reproduce: `{cmd}` (from the repository root; runs kept under `{args.work}`).", "",
              f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; seeds {args.seeds}; 2 CPU cores, one torch "
-             f"thread per run; this invocation ran for {(time.time() - t0) / 60:.0f} min.",
+             f"thread per run; the runs took {total_minutes([j for jobs in all_jobs.values() for j in jobs.values()]):.0f} min of wall time in all, {args.jobs} at a time.",
              "- Every method on its dataset's FedLoGe preset with only `algorithm` swapped (same partition, model, "
              "SGD lr 0.05 momentum 0.9, cosine schedule); baselines at their README defaults.",
              f"- Fashion-MNIST scaled for 2 CPU cores: {', '.join(fm_extra)} (preset: 100 rounds, 2 epochs, width 32).",

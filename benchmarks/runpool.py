@@ -71,6 +71,11 @@ def run_jobs(jobs: Sequence[Job], parallel: int) -> None:
             print(f"done {job.name} ({time.time() - start:.0f} s)", flush=True)
 
 
+def total_minutes(jobs: Sequence[Job]) -> float:
+    """Sum of the runs' own wall times (``summary.json``), in minutes: what reproducing the table costs."""
+    return sum(j.summary().get("wall_time_s") or 0.0 for j in jobs) / 60
+
+
 def mean_std(values: Sequence[float | None], scale: float = 100.0, digits: int = 1) -> str:
     """``"m ± s"`` of the non-missing values times ``scale`` (sample std; ``—`` when none)."""
     vals = [v * scale for v in values if v is not None]
