@@ -1,6 +1,6 @@
 """Long-tailed federated learning benchmark (issue 7): FedLoGe vs the generic and personalized baselines.
 
-Reproduce (from the repository root; digits part ~25 min, Fashion-MNIST part ~60 min on 2 CPU cores):
+Reproduce (from the repository root; digits part ~20 min, Fashion-MNIST part ~70 min on 2 CPU cores):
 
     python benchmarks/lt_fl.py --seeds 0,1,2 --jobs 2
 
@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--datasets", default="digits,fmnist")
-    parser.add_argument("--fmnist-rounds", type=int, default=30)
+    parser.add_argument("--fmnist-rounds", type=int, default=20)
     parser.add_argument("--fmnist-epochs", type=int, default=1)
     parser.add_argument("--fmnist-width", type=int, default=16)
     parser.add_argument("--work", default="runs/bench-lt-fl")
