@@ -26,7 +26,6 @@ SSE-C norm target (0.1 / 0.3 / 1.0). Results: benchmarks/results/lt_fl.md; runs 
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -37,7 +36,8 @@ from typing import Any
 import yaml
 from scipy.stats import spearmanr
 
-from runpool import REPO, Job, md_table, mean_std, run_jobs, total_minutes, write_results
+from runpool import (REPO, Job, benchmark_parser, fmnist_available, md_table, mean_std, run_jobs, total_minutes,
+                     with_analysis, write_results)
 
 PRESETS = {"digits": "fedloge-digits-lt.yaml", "fmnist": "fedloge-fmnist-lt.yaml"}
 TITLES = {"digits": "digits-LT (imbalance ratio 10, 20 clients)",
@@ -139,16 +139,10 @@ def head_norm_rho(run_dir: Path) -> tuple[float | None, float | None]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--datasets", default="digits,fmnist")
+    parser = benchmark_parser(__doc__, "lt_fl")
     parser.add_argument("--fmnist-rounds", type=int, default=20)
     parser.add_argument("--fmnist-epochs", type=int, default=1)
     parser.add_argument("--fmnist-width", type=int, default=16)
-    parser.add_argument("--work", default="runs/bench-lt-fl")
-    parser.add_argument("--analysis", default="benchmarks/lt_fl_analysis.md",
-                        help="hand-written analysis appended to the results file (kept when the tables are redone)")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     work = Path(args.work)
@@ -157,7 +151,7 @@ def main() -> None:
     notes: list[str] = []
     settings = {}
     for d in datasets:
-        if d == "fmnist" and not (REPO.parent / "shared" / "data" / "fashion_mnist" / "train.npz").is_file():
+        if d == "fmnist" and not fmnist_available():
             notes.append("Fashion-MNIST-LT skipped: ../shared/data/fashion_mnist/train.npz is absent on this machine.")
             continue
         settings[d] = prepare(d, work, fm_extra if d == "fmnist" else [])
@@ -201,10 +195,7 @@ def main() -> None:
                                      mean_std([x["client_acc_masked_mean"] for x in v])])
             lines += ["", "### Ablations on digits-LT: dense vs sparse ETF, SSE-C norm target", "",
                       *md_table(["FedLoGe variant", "predictor", "Global", "Tail", "Pers.", "Pers. masked"], abl_rows, 2)]
-    analysis = REPO / args.analysis
-    if analysis.is_file():
-        lines += ["", analysis.read_text().rstrip()]
-    write_results("lt_fl.md", lines)
+    write_results("lt_fl.md", with_analysis(lines, args.analysis))
 
 
 if __name__ == "__main__":

@@ -23,14 +23,14 @@ benchmarks/results/lt_ood.md.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runpool import REPO, Job, md_table, mean_std, run_jobs, total_minutes, write_results
+from runpool import (REPO, Job, benchmark_parser, fmnist_available, md_table, mean_std, run_jobs, total_minutes,
+                     with_analysis, write_results)
 
 # method -> (preset, the score the method's paper reports with[, extra overrides])
 METHODS: dict[str, tuple] = {
@@ -128,15 +128,9 @@ def tables(s: Setting, summaries: dict[str, list[dict[str, Any]]]) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--datasets", default="digits,fmnist")
-    parser.add_argument("--fmnist-epochs", type=int, default=4)
+    parser = benchmark_parser(__doc__, "lt_ood")
+    parser.add_argument("--fmnist-epochs", type=int, default=3)
     parser.add_argument("--fmnist-width", type=int, default=16)
-    parser.add_argument("--work", default="runs/bench-lt-ood")
-    parser.add_argument("--analysis", default="benchmarks/lt_ood_analysis.md",
-                        help="hand-written analysis appended to the results file (kept when the tables are redone)")
     args = parser.parse_args()
     seeds = [int(x) for x in args.seeds.split(",")]
     work = Path(args.work)
@@ -144,7 +138,7 @@ def main() -> None:
     chosen = []
     for name in args.datasets.split(","):
         s = settings(args.fmnist_epochs, args.fmnist_width)[name]
-        if name == "fmnist" and not (REPO.parent / "shared" / "data" / "fashion_mnist" / "train.npz").is_file():
+        if name == "fmnist" and not fmnist_available():
             notes.append("- Fashion-MNIST-LT skipped: ../shared/data/fashion_mnist/train.npz is absent on this machine.")
             continue
         chosen.append(s)
@@ -161,10 +155,7 @@ def main() -> None:
              "over seeds. Training outliers and OOD test sets are always disjoint sources.", *notes]
     for s in chosen:
         lines += tables(s, {m: [jobs[s.name, m, seed].summary() for seed in seeds] for m in s.methods})
-    analysis = REPO / args.analysis
-    if analysis.is_file():
-        lines += ["", analysis.read_text().rstrip()]
-    write_results("lt_ood.md", lines)
+    write_results("lt_ood.md", with_analysis(lines, args.analysis))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ where it stopped (delete the work folder to start over).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -47,6 +48,29 @@ class Job:
                 f"out={self.out}"]
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def benchmark_parser(doc: str, name: str) -> argparse.ArgumentParser:
+    """The options every quality benchmark shares: seeds, parallel jobs, datasets, work folder, analysis file."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--datasets", default="digits,fmnist")
+    parser.add_argument("--work", default=f"runs/bench-{name.replace('_', '-')}")
+    parser.add_argument("--analysis", default=f"benchmarks/{name}_analysis.md",
+                        help="hand-written analysis appended to the results file (kept when the tables are redone)")
+    return parser
+
+
+def fmnist_available() -> bool:
+    """Whether ../shared/data holds Fashion-MNIST (the benchmarks skip it with a note where not)."""
+    return (REPO.parent / "shared" / "data" / "fashion_mnist" / "train.npz").is_file()
+
+
+def with_analysis(lines: list[str], analysis: str) -> list[str]:
+    """``lines`` plus the hand-written analysis file (relative to the repository root), where it exists."""
+    path = REPO / analysis
+    return [*lines, "", path.read_text().rstrip()] if path.is_file() else lines
 
 
 def run_jobs(jobs: Sequence[Job], parallel: int) -> None:
