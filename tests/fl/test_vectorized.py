@@ -8,14 +8,15 @@ import torch
 from fedtrust.fl.executor import ClientStore, SequentialExecutor
 from fedtrust.fl.stacked_optim import StackedOptimizer
 from fedtrust.fl.protocol import OptimizerSpec
-from fedtrust.fl.vectorized import VectorizedExecutor, choose_executor
+from fedtrust.fl.vectorized import (CPU_GROUP_BYTES, MIN_CPU_GROUP, VectorizedExecutor, choose_executor, chunked,
+                                   clients_per_group, state_bytes)
 from fedtrust.runner.config import build_config
 from fedtrust.runner.federation import build_federation
 
 
 
 
-def run_both(overrides, rounds=2):
+def run_both(overrides, rounds=2, group_bytes="auto"):
     cfg = build_config({}, ["data.num_clients=6", "data.clients_per_round=4", "data.alpha=0.3",
                             "data.min_size=20", "eval.personalized=false", *overrides])
     fed = build_federation(cfg)
@@ -24,7 +25,7 @@ def run_both(overrides, rounds=2):
     sizes = {len(i) for i in fed.data.indices}
     assert len(sizes) > 1, "clients must be uneven"
     seq = SequentialExecutor(fed.algorithm, fed.data, cfg.seed, fed.device, 4)
-    vec = VectorizedExecutor(fed.algorithm, fed.data, cfg.seed, fed.device, 4)
+    vec = VectorizedExecutor(fed.algorithm, fed.data, cfg.seed, fed.device, 4, group_bytes=group_bytes)
     return seq.run(state, ClientStore(), 0, rounds), vec.run(state, ClientStore(), 0, rounds), state
 
 
@@ -72,8 +73,49 @@ def test_stacked_adam_rows_update_only_the_rows_given():
     assert opt.steps.tolist() == [1, 0, 1]
 
 
-def test_auto_picks_vectorized_only_when_it_can():
+@pytest.mark.parametrize("clients_per_chunk", [1, 3])
+def test_chunked_groups_equal_sequential(clients_per_chunk, float64):
+    """A group over the byte budget trains in chunks (4 clients: 1+1+1+1 or 3+1); same result."""
+    cfg = build_config({}, ["data.num_clients=6", "data.clients_per_round=4", "eval.personalized=false"])
+    per_client = state_bytes(build_federation(cfg).algorithm.template.double())
+    a, b, start = run_both(["train.momentum=0.9", "train.weight_decay=0.001"],
+                           group_bytes=clients_per_chunk * per_client)
+    for k in a.arrays:
+        assert torch.allclose(a.arrays[k].double(), b.arrays[k].double(), atol=1e-9, rtol=1e-7), k
+    assert any(not torch.equal(a.arrays[k], start.arrays[k]) for k in a.arrays)
+
+
+def test_chunking_helpers():
+    assert chunked(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert chunked(list(range(7)), None) == [list(range(7))]
+    assert chunked(list(range(2)), 5) == [[0, 1]]
+
+    class Plan:
+        init = {"w": torch.zeros(10, dtype=torch.float32), "n": torch.zeros((), dtype=torch.int64)}  # 48 bytes
+
+    assert state_bytes(Plan.init) == 48
+    assert clients_per_group(Plan, 100) == 2
+    assert clients_per_group(Plan, 10) == 1  # never zero: one client always trains
+    assert clients_per_group(Plan, None) is None
+
+
+def test_cpu_group_budget_applies_on_cpu_only():
     cfg = build_config({}, ["data.num_clients=4", "data.clients_per_round=2", "eval.personalized=false"])
     fed = build_federation(cfg)
-    assert fed.executor.name == "vectorized"
-    assert choose_executor(fed.algorithm, 1) == "sequential"
+    assert VectorizedExecutor(fed.algorithm, fed.data, 0, torch.device("cpu"), 2).group_bytes == CPU_GROUP_BYTES
+    assert VectorizedExecutor(fed.algorithm, fed.data, 0, torch.device("cuda"), 2).group_bytes is None
+
+
+def test_auto_picks_vectorized_only_where_it_is_faster():
+    cfg = build_config({}, ["data.num_clients=4", "data.clients_per_round=2", "eval.personalized=false"])
+    fed = build_federation(cfg)
+    assert fed.executor.name == "vectorized"  # digits cnn: 0.4 MB per client, many fit the CPU budget
+    assert choose_executor(fed.algorithm, 1, "cpu") == "sequential"  # nothing to vectorise
+    assert choose_executor(fed.algorithm, 2, "cuda") == "vectorized"
+    # a model too big for MIN_CPU_GROUP clients in the CPU budget trains one client at a time on a CPU,
+    # still vectorised on an accelerator (where there is no budget)
+    big = build_federation(build_config({}, ["data.num_clients=4", "data.clients_per_round=2",
+                                             "eval.personalized=false", "model.width=256"]))
+    assert MIN_CPU_GROUP * state_bytes(big.algorithm.template) > CPU_GROUP_BYTES
+    assert big.executor.name == "sequential"
+    assert choose_executor(big.algorithm, 2, torch.device("cuda")) == "vectorized"

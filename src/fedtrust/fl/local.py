@@ -19,6 +19,7 @@ from fedtrust.data.augment import apply_augment, draw_augment
 from fedtrust.data.types import ImageSet
 from fedtrust.errors import FedTrustError
 from fedtrust.fl.protocol import Batch, ClientContext, LocalTraining, TrainResult
+from fedtrust.fl.sampling import seed_global_rngs
 
 
 def num_local_steps(n: int, batch_size: int, epochs: int, steps: int | None) -> int:
@@ -59,7 +60,7 @@ class ClientSchedule:
 
 def client_schedule(plan: LocalTraining, n: int, generator: torch.Generator) -> ClientSchedule:
     """Draw the dropout seed, the ID batches and (if any) the outlier batches of one client."""
-    torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))  # dropout etc.
+    seed_global_rngs(int(torch.randint(0, 2**62, (1,), generator=generator)))  # dropout etc.
     batches = local_batches(n, plan.batch_size, plan.epochs, plan.steps, generator)
     outlier_batches = None
     if plan.outliers is not None:
@@ -112,6 +113,25 @@ def assemble_batch(images: Tensor, labels: Tensor, outliers: Tensor | None, view
     return batch
 
 
+def load_state(model: torch.nn.Module, state: dict[str, Tensor], device: torch.device) -> None:
+    """``model.to(device).load_state_dict(state)``, without their per-call overhead.
+
+    The client loop reloads one template model for every client, so the common case (model
+    already on ``device``, ``state`` with exactly its keys and shapes) copies tensor by tensor;
+    anything else goes through ``load_state_dict``, which raises its usual error.
+    """
+    own = model.state_dict(keep_vars=True)
+    if any(t.device != torch.device(device) for t in own.values()):
+        model.to(device)
+        own = model.state_dict(keep_vars=True)
+    if own.keys() != state.keys() or any(own[k].shape != state[k].shape for k in own):
+        model.load_state_dict(state)
+        return
+    with torch.no_grad():
+        for k, t in own.items():
+            t.copy_(state[k])
+
+
 def train_locally(plan: LocalTraining, data: ImageSet, ctx: ClientContext,
                   normalize: Callable[[Tensor], Tensor]) -> TrainResult:
     """Run ``plan`` on ``data`` (the client's own images) and return the trained state.
@@ -120,8 +140,8 @@ def train_locally(plan: LocalTraining, data: ImageSet, ctx: ClientContext,
     ``ctx.generator`` and a global seed drawn from it, so a client's update is
     a function of (seed, round, client id) alone.
     """
-    model = plan.model.to(ctx.device)
-    model.load_state_dict(plan.init)
+    model = plan.model
+    load_state(model, plan.init, ctx.device)
     model.train()
     named = dict(model.named_parameters())
     trainable = {name: named[name] for name in plan.trainable}

@@ -34,7 +34,7 @@ from fedtrust.data.augment import concat_draws
 from fedtrust.fl.executor import ClientStore, Executor
 from fedtrust.fl.local import ClientSchedule, assemble_batch, client_schedule, draw_step
 from fedtrust.fl.protocol import Algorithm, LocalTraining, Message, TrainResult
-from fedtrust.fl.sampling import client_generator
+from fedtrust.fl.sampling import client_generator, seed_global_rngs
 from fedtrust.fl.stacked_optim import StackedOptimizer
 from fedtrust.registry import register
 
@@ -78,12 +78,15 @@ class VectorizedExecutor(Executor):
 
     name = "vectorized"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, group_bytes: int | None | str = "auto", **kwargs: Any) -> None:
+        """``group_bytes``: the most bytes of client state (parameters and buffers) stacked in one
+        vmapped group; larger groups train in chunks. ``"auto"``: :func:`default_group_bytes`."""
         super().__init__(*args, **kwargs)
+        self.group_bytes = default_group_bytes(self.device) if group_bytes == "auto" else group_bytes
         self._warned = False
 
     def execute(self, messages: dict[int, Message], round: int, store: ClientStore) -> dict[int, Message]:
-        torch.manual_seed(client_generator(self.seed, round, 2**31).initial_seed())  # dropout under vmap
+        seed_global_rngs(client_generator(self.seed, round, 2**31).initial_seed())  # dropout under vmap
         replies: dict[int, Message] = {}
         groups: dict[tuple, list[tuple[int, LocalTraining]]] = defaultdict(list)
         for c in sorted(messages):
@@ -97,11 +100,12 @@ class VectorizedExecutor(Executor):
             else:
                 groups[_group_key(plan)].append((c, plan))
         for members in groups.values():
-            results = self._train_group(members, round)
-            for c, plan in members:
-                reply, state = self.algorithm.finish(messages[c], results[c], store.get(c))
-                store.set(c, state)
-                replies[c] = reply
+            for chunk in chunked(members, clients_per_group(members[0][1], self.group_bytes)):
+                results = self._train_group(chunk, round)
+                for c, plan in chunk:
+                    reply, state = self.algorithm.finish(messages[c], results[c], store.get(c))
+                    store.set(c, state)
+                    replies[c] = reply
         return dict(sorted(replies.items()))
 
     def _warn_fallback(self) -> None:
@@ -197,11 +201,55 @@ def is_declarative(algorithm: Algorithm) -> bool:
     return type(algorithm).local_training is not Algorithm.local_training
 
 
-def choose_executor(algorithm: Algorithm, clients_per_round: int) -> str:
-    """``executor=auto``: vectorised when clients train declaratively and several train per round.
+CPU_GROUP_BYTES = 16 * 2**20
+"""On a CPU, the most client state stacked in one vmapped group: half a last-level cache.
 
-    Measured in benchmarks/speed.py: on 2 CPU cores the vectorised executor is
-    faster from 2 clients per round on; with one client per round there is
-    nothing to vectorise.
+Measured in benchmarks/results/speed.md (digits ``cnn``, 0.4 MB per client, 2-core EPYC with a
+32 MiB L3): vectorising 10 or 50 clients (4 or 19 MB stacked) is faster than one client after
+another; 100 clients (38 MB) is not, and 50 CIFAR ``cnn2`` clients (430 MB) are 2.6x slower,
+because every vmapped operator then streams all clients' weights (and gradients, and optimizer
+state) through memory where the sequential trainer keeps one client's in cache from forward
+to optimizer step.
+"""
+MIN_CPU_GROUP = 4
+"""``executor=auto`` on a CPU vectorises only when this many clients fit in one group: with
+chunks of 3 CIFAR ``cnn2`` clients the vectorised executor is still 1.2x slower than sequential."""
+
+
+def default_group_bytes(device: torch.device | str) -> int | None:
+    """The vectorised executor's group budget on ``device``: :data:`CPU_GROUP_BYTES` on a CPU, none elsewhere."""
+    return CPU_GROUP_BYTES if torch.device(device).type == "cpu" else None
+
+
+def state_bytes(state: dict[str, Tensor] | nn.Module) -> int:
+    """Bytes of a state dict's tensors (a module's parameters and buffers)."""
+    tensors = state.state_dict().values() if isinstance(state, nn.Module) else state.values()
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def clients_per_group(plan: LocalTraining, group_bytes: int | None) -> int | None:
+    """How many clients of ``plan``'s shape fit in ``group_bytes`` (at least one); None: no limit."""
+    if group_bytes is None:
+        return None
+    return max(1, group_bytes // max(1, state_bytes(plan.init)))
+
+
+def chunked(items: list, size: int | None) -> list[list]:
+    """``items`` in consecutive chunks of at most ``size`` (one chunk when ``size`` is None)."""
+    if size is None or size >= len(items):
+        return [items]
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def choose_executor(algorithm: Algorithm, clients_per_round: int, device: torch.device | str = "cpu") -> str:
+    """``executor=auto``: vectorised when clients train declaratively and several train per
+    round, and, on a CPU, :data:`MIN_CPU_GROUP` clients' state fits in
+    :data:`CPU_GROUP_BYTES` (bigger models train faster one client at a time there, see
+    :data:`CPU_GROUP_BYTES`). Sequential otherwise.
     """
-    return "vectorized" if is_declarative(algorithm) and clients_per_round > 1 else "sequential"
+    if not is_declarative(algorithm) or clients_per_round < 2:
+        return "sequential"
+    budget = default_group_bytes(device)
+    if budget is not None and MIN_CPU_GROUP * state_bytes(algorithm.template) > budget:
+        return "sequential"
+    return "vectorized"

@@ -53,6 +53,9 @@ class MetricsLogger(Callback):
         record.update(report.metrics)
         self.writer.write(record)
 
+    def on_end(self) -> None:
+        self.writer.sync()
+
 
 class Checkpointer(Callback):
     """Saves a checkpoint every ``every`` rounds (0: only after the last) and after the last round."""

@@ -159,7 +159,7 @@ class EvalConfig(Section):
 class RunConfig(Section):
     seed: int = Field(0, ge=0, description="seed of everything: init, partition, sampling, batches")
     rounds: int = Field(30, ge=1, description="communication rounds")
-    executor: str = Field("auto", description="how clients run: auto (vectorized when possible), or `fedtrust list executor`")
+    executor: str = Field("auto", description="how clients run: auto (vectorized when possible and faster, see README), or `fedtrust list executor`")
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:N, or auto")
     out: str | None = Field(None, description="run directory; null: a new folder under runs/")
     checkpoint_every: int = Field(1, ge=0, description="checkpoint every N rounds (0: only at the end)")

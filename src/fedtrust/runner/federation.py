@@ -113,7 +113,7 @@ def build_federation(cfg: RunConfig) -> Federation:
 
     algorithm = build_algorithm(cfg, dataset, torch.as_tensor(class_counts), norm, device, outliers)
     k = clients_per_round(cfg.data.clients_per_round, cfg.data.num_clients)
-    name = choose_executor(algorithm, k) if cfg.executor == "auto" else cfg.executor
+    name = choose_executor(algorithm, k, device) if cfg.executor == "auto" else cfg.executor
     executor_cls = get("executor", name)
     extra = {"config": cfg} if "config" in inspect.signature(executor_cls).parameters else {}
     executor = executor_cls(algorithm, data, cfg.seed, device, k, **extra)

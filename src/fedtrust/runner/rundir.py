@@ -160,13 +160,32 @@ def truncate_metrics(run_dir: Path, last_round: int) -> list[dict[str, Any]]:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line and flushes it to disk at once."""
+    """Appends one JSON object per line, handed to the OS at once: a run that crashes or is
+    killed keeps every record it wrote.
 
-    def __init__(self, run_dir: Path) -> None:
+    ``fsync`` (which survives a power loss too) runs on the first record, then at most every
+    ``sync_every_s`` seconds, and on :meth:`sync`: one per round cost fast simulations ~5 % of
+    their time on this machine's disk. Checkpoints are fsynced on their own, and a resume
+    truncates the metrics to the checkpoint's round anyway.
+    """
+
+    def __init__(self, run_dir: Path, sync_every_s: float = 2.0) -> None:
         self.path = run_dir / METRICS
+        self.sync_every_s = sync_every_s
+        self._synced_at = -math.inf
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(jsonable(record)) + "\n")
             fh.flush()
-            os.fsync(fh.fileno())
+            now = time.monotonic()
+            if now - self._synced_at >= self.sync_every_s:
+                os.fsync(fh.fileno())
+                self._synced_at = now
+
+    def sync(self) -> None:
+        """Force what was written to disk (the end of a run)."""
+        if self.path.exists():
+            with open(self.path, "a") as fh:
+                os.fsync(fh.fileno())
+            self._synced_at = time.monotonic()
