@@ -62,12 +62,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from runpool import with_analysis
+
 # ====================================================================== setup
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 RESULTS_DIR = REPO / "benchmarks" / "results"
 VENVS_DIR = REPO / "benchmarks" / ".venvs"
+ANALYSIS = "benchmarks/speed_analysis.md"  # hand-written reading of the full CPU run, appended to its results
 RESULT_MARK = "@@speed-result@@ "  # prefix of the one stdout line a worker reports on
 
 Result = dict[str, Any]  # one run of one row: wall_s, loop_s, visits, test_acc, ... or error
@@ -1264,6 +1267,8 @@ def write_results(path: Path, args: argparse.Namespace, rows: list[Row], res: Re
                   md_table(*tables["cifar"]), ""]
     for executor, prof in (profile or {}).items():
         lines += profile_section(executor, prof)
+    if not args.quick and not args.only and args.device == "cpu":  # the analysis reads the full CPU run
+        lines = [*with_analysis(lines, ANALYSIS), ""]
     lines += ["## What each row measures", "", MEASURES]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
