@@ -9,7 +9,7 @@ from fedtrust.fl.executor import ClientStore, SequentialExecutor
 from fedtrust.fl.stacked_optim import StackedOptimizer
 from fedtrust.fl.protocol import OptimizerSpec
 from fedtrust.fl.vectorized import (CPU_GROUP_BYTES, MIN_CPU_GROUP, VectorizedExecutor, choose_executor, chunked,
-                                   clients_per_group, state_bytes)
+                                   clients_per_group, executor_choice, state_bytes)
 from fedtrust.runner.config import build_config
 from fedtrust.runner.federation import build_federation
 
@@ -119,3 +119,19 @@ def test_auto_picks_vectorized_only_where_it_is_faster():
     assert MIN_CPU_GROUP * state_bytes(big.algorithm.template) > CPU_GROUP_BYTES
     assert big.executor.name == "sequential"
     assert choose_executor(big.algorithm, 2, torch.device("cuda")) == "vectorized"
+
+
+def test_the_run_says_why_auto_chose_its_executor():
+    small = build_federation(build_config({}, ["data.num_clients=4", "data.clients_per_round=2",
+                                               "eval.personalized=false"]))
+    per_group = CPU_GROUP_BYTES // state_bytes(small.algorithm.template)
+    assert small.executor_reason == f"auto: 2 clients per round train together, up to {per_group} per group on the CPU"
+    big = build_federation(build_config({}, ["data.num_clients=4", "data.clients_per_round=2",
+                                             "eval.personalized=false", "model.width=256"]))
+    assert big.executor_reason.startswith("auto: ") and "fewer than 4 fit the 16.0 MiB CPU group budget" \
+        in big.executor_reason
+    assert executor_choice(small.algorithm, 1, "cpu") == ("sequential", "one client per round")
+    assert executor_choice(small.algorithm, 3, "cuda")[1].endswith("all at once on cuda")
+    named = build_federation(build_config({}, ["data.num_clients=4", "data.clients_per_round=2", "executor=sequential",
+                                               "eval.personalized=false"]))
+    assert named.executor_reason == "set in the config"

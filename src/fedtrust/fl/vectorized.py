@@ -245,11 +245,23 @@ def choose_executor(algorithm: Algorithm, clients_per_round: int, device: torch.
     """``executor=auto``: vectorised when clients train declaratively and several train per
     round, and, on a CPU, :data:`MIN_CPU_GROUP` clients' state fits in
     :data:`CPU_GROUP_BYTES` (bigger models train faster one client at a time there, see
-    :data:`CPU_GROUP_BYTES`). Sequential otherwise.
+    :data:`CPU_GROUP_BYTES`). Sequential otherwise. :func:`executor_choice` says why.
     """
-    if not is_declarative(algorithm) or clients_per_round < 2:
-        return "sequential"
+    return executor_choice(algorithm, clients_per_round, device)[0]
+
+
+def executor_choice(algorithm: Algorithm, clients_per_round: int,
+                    device: torch.device | str = "cpu") -> tuple[str, str]:
+    """:func:`choose_executor`'s pick and the reason, for the run log."""
+    if not is_declarative(algorithm):
+        return "sequential", f"{algorithm.name} has no declarative local training"
+    if clients_per_round < 2:
+        return "sequential", "one client per round"
     budget = default_group_bytes(device)
-    if budget is not None and MIN_CPU_GROUP * state_bytes(algorithm.template) > budget:
-        return "sequential"
-    return "vectorized"
+    per_client = state_bytes(algorithm.template)
+    mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
+    if budget is not None and MIN_CPU_GROUP * per_client > budget:
+        return "sequential", (f"{mib(per_client)} of model state per client: fewer than {MIN_CPU_GROUP} "
+                              f"fit the {mib(budget)} CPU group budget, where one client at a time is faster")
+    where = f"up to {budget // per_client} per group on the CPU" if budget is not None else f"all at once on {device}"
+    return "vectorized", f"{clients_per_round} clients per round train together, {where}"

@@ -29,7 +29,7 @@ from fedtrust.fl.executor import ClientData, Executor
 from fedtrust.fl.protocol import Algorithm, OptimizerSpec
 from fedtrust.fl.sampling import clients_per_round
 from fedtrust.fl.schedule import lr_at
-from fedtrust.fl.vectorized import choose_executor
+from fedtrust.fl.vectorized import executor_choice
 from fedtrust.metrics.accuracy import local_test_indices
 from fedtrust.models import create_model
 from fedtrust.objectives import build_objective
@@ -51,6 +51,8 @@ class Federation:
     executor: Executor
     eval_setup: EvalSetup
     device: torch.device
+    executor_reason: str = ""
+    """Why this executor runs: ``auto``'s reason, or that the config named it."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -113,13 +115,15 @@ def build_federation(cfg: RunConfig) -> Federation:
 
     algorithm = build_algorithm(cfg, dataset, torch.as_tensor(class_counts), norm, device, outliers)
     k = clients_per_round(cfg.data.clients_per_round, cfg.data.num_clients)
-    name = choose_executor(algorithm, k, device) if cfg.executor == "auto" else cfg.executor
+    name, reason = (executor_choice(algorithm, k, device) if cfg.executor == "auto"
+                    else (cfg.executor, "set in the config"))
     executor_cls = get("executor", name)
     extra = {"config": cfg} if "config" in inspect.signature(executor_cls).parameters else {}
     executor = executor_cls(algorithm, data, cfg.seed, device, k, **extra)
     if isinstance(executor, EvaluatesClients):  # client state kept off the server (Flower): scored where it lives
         eval_setup.client_evaluator = executor.evaluate_clients
-    return Federation(cfg, dataset, data, stats, algorithm, executor, eval_setup, device)
+    return Federation(cfg, dataset, data, stats, algorithm, executor, eval_setup, device,
+                      f"auto: {reason}" if cfg.executor == "auto" else reason)
 
 
 def build_algorithm(cfg: RunConfig, dataset: Dataset, class_counts: torch.Tensor, norm: Any,

@@ -96,7 +96,7 @@ def run(config: RunConfig | dict | str | Path | None = None, overrides: list[str
     if progress:
         callbacks.append(ProgressBar(console, f"{cfg.algorithm.name} on {cfg.data.dataset} ({fed.executor.name})"))
     console.print(f"fedtrust: {cfg.algorithm.name} on {cfg.data.dataset}, {cfg.data.num_clients} clients, "
-                  f"executor {fed.executor.name}, device {fed.device}, run dir {run_dir}")
+                  f"executor {fed.executor.name} ({fed.executor_reason}), device {fed.device}, run dir {run_dir}")
     t0 = time.perf_counter()
     state = fed.executor.run(state, store, start, cfg.rounds, callbacks)
 
