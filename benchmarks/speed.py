@@ -115,6 +115,7 @@ class Workload:
     model: str = "cnn"
     data_root: str | None = None  # for file-based sets
     client_size: int | None = None  # set: dataset "npz" is digits repeated to num_clients x client_size images
+    synthetic: bool = False  # dataset "npz" is random CIFAR-shaped images (--cifar synthetic): speed only
 
     @property
     def label(self) -> str:
@@ -162,15 +163,23 @@ def scaling_workloads(quick: bool, device: str, data_dir: Path) -> list[Workload
     return out
 
 
-def cifar_workload(rounds: int) -> Workload | None:
-    """pfl-research's CIFAR-10 benchmark shape; None where ../shared/data/cifar10 is absent."""
+def cifar_workload(rounds: int, source: str = "real", data_dir: Path | None = None) -> Workload | None:
+    """pfl-research's CIFAR-10 benchmark shape; None where ../shared/data/cifar10 is absent.
+
+    ``source="synthetic"``: random 32x32x3 images of the same count, written under ``data_dir``
+    (a machine without ../shared, such as a lent GPU; the times hold, the accuracy means nothing).
+    """
+    shape = dict(num_clients=1_000, clients_per_round=50, rounds=rounds, model="cnn2")
+    if source == "synthetic":
+        assert data_dir is not None
+        return Workload("cifar-pfl-shape", "npz", data_root=str(data_dir / "cifar-synthetic"), synthetic=True,
+                        **shape)  # type: ignore[arg-type]
     if not (SHARED_DATA / "cifar10").is_dir():
         return None
-    return Workload("cifar-pfl-shape", "cifar10", num_clients=1_000, clients_per_round=50, rounds=rounds,
-                    model="cnn2", data_root=str(SHARED_DATA))
+    return Workload("cifar-pfl-shape", "cifar10", data_root=str(SHARED_DATA), **shape)  # type: ignore[arg-type]
 
 
-def build_rows(quick: bool, device: str, cifar_rounds: int, data_dir: Path) -> list[Row]:
+def build_rows(quick: bool, device: str, cifar_rounds: int, data_dir: Path, cifar_source: str = "real") -> list[Row]:
     """Every row of the benchmark, in table order."""
     w = workload_w(20 if quick else 200)
     rows = [
@@ -186,7 +195,7 @@ def build_rows(quick: bool, device: str, cifar_rounds: int, data_dir: Path) -> l
     for s in scaling_workloads(quick, device, data_dir):
         for ex, label in (("vectorized", "vectorised"), ("sequential", "sequential")):
             rows.append(Row(f"{s.name}-{ex}", "scaling", f"fedtrust-{ex}", label, s))
-    c = cifar_workload(cifar_rounds)
+    c = cifar_workload(cifar_rounds, cifar_source, data_dir)
     if c is not None:
         rows += [Row("cifar-vectorized", "cifar", "fedtrust-vectorized", "fedtrust vectorised", c),
                  Row("cifar-sequential", "cifar", "fedtrust-sequential", "fedtrust sequential", c),
@@ -894,12 +903,23 @@ def replicated_digits(folder: Path, num_images: int) -> None:
     np.savez(folder / "test.npz", x=ds.test.x.numpy(), y=ds.test.y.numpy())
 
 
+def synthetic_cifar(folder: Path, seed: int = 0) -> None:
+    """CIFAR-10's shape as npz: 50,000 training and 10,000 test images of uniform noise, 10 labels."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train", 50_000), ("test", 10_000)):
+        np.savez(folder / f"{name}.npz", x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                 y=rng.integers(0, 10, n).astype(np.int64))
+
+
 def prepare_data(rows: list[Row]) -> None:
     """Write the replicated sets and load each data set once, untimed (CIFAR decodes its JPEGs to a cache)."""
     from fedtrust.data.datasets import load_dataset
 
     for w in {r.workload for r in rows}:
-        if w.client_size and not (Path(str(w.data_root)) / "train.npz").exists():
+        if w.synthetic and not (Path(str(w.data_root)) / "train.npz").exists():
+            synthetic_cifar(Path(str(w.data_root)))
+        elif w.client_size and not (Path(str(w.data_root)) / "train.npz").exists():
             replicated_digits(Path(str(w.data_root)), w.num_clients * w.client_size)
     for dataset, root in sorted({(r.workload.dataset, r.workload.data_root) for r in rows}, key=str):
         t = time.perf_counter()
@@ -1130,7 +1150,7 @@ def _client_size(w: Workload) -> str:
     """Images per client of ``w`` (mean for an even split of a standard set)."""
     if w.client_size:
         return str(w.client_size)
-    n = {"mnist": 60_000, "digits": 1_437, "cifar10": 50_000}.get(w.dataset)
+    n = 50_000 if w.synthetic else {"mnist": 60_000, "digits": 1_437, "cifar10": 50_000}.get(w.dataset)
     return f"{n / w.num_clients:.4g}" if n else "?"
 
 
@@ -1259,7 +1279,9 @@ def write_results(path: Path, args: argparse.Namespace, rows: list[Row], res: Re
     if "cifar" in tables:
         c = next(r.workload for r in rows if r.part == "cifar")
         lines += ["## 2b. pfl-research's CIFAR-10 benchmark shape", "",
-                  f"CIFAR-10 (the JPEG copy in ../shared/data), {c.num_clients:,} IID clients × "
+                  ("Synthetic CIFAR-10 (`--cifar synthetic`: uniform-noise 32×32×3 images, 50,000 + 10,000; "
+                   "times as for CIFAR-10, the accuracy is chance)" if c.synthetic
+                   else "CIFAR-10 (the JPEG copy in ../shared/data)") + f", {c.num_clients:,} IID clients × "
                   f"{_client_size(c)} images, {c.clients_per_round} per round, batch {c.batch_size}, "
                   f"{c.epochs} local epoch, SGD lr {c.lr}, model `{c.model}`, no augmentation. "
                   f"{_plural(c.rounds, 'round')} per run (`--rounds`); the 1,500-round column extrapolates the "
@@ -1314,6 +1336,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="comma-separated row ids (w-flower), parts (w, scaling, cifar), workloads (scale-k100) "
                         "or systems (vectorized, sequential, paper, flower, pfl, central)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch device for every row")
+    p.add_argument("--cifar", default="real", choices=["real", "synthetic"],
+                   help="data of the CIFAR-10 pfl-shape rows: ../shared/data/cifar10, or random images of its "
+                        "shape (a machine without ../shared; times only)")
     p.add_argument("--profile", action="store_true",
                    help="also profile fedtrust vectorised and sequential on W (where the time goes)")
     p.add_argument("--no-install", action="store_true",
@@ -1356,7 +1381,8 @@ def main(argv: list[str]) -> int:
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedtrust-speed-") as tmp:
-        rows = select_rows(build_rows(args.quick, args.device, args.rounds, Path(tmp) / "data"), args.only)
+        rows = select_rows(build_rows(args.quick, args.device, args.rounds, Path(tmp) / "data", args.cifar),
+                           args.only)
 
         # -- which Python runs each system (Flower and pfl may need their own venvs)
         pythons: dict[str, str | None] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,10 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
+
+
+@pytest.fixture(scope="session")
+def executor_device() -> str:
+    """Where the executor-equivalence tests train: ``cpu`` (CI), or ``$FEDTRUST_TEST_DEVICE`` (``cuda`` on a
+    lent GPU, see benchmarks/device_check.sh) to check the same equivalences on an accelerator."""
+    return os.environ.get("FEDTRUST_TEST_DEVICE", "cpu")

@@ -16,8 +16,8 @@ from fedtrust.runner.federation import build_federation
 
 
 
-def run_both(overrides, rounds=2, group_bytes="auto"):
-    cfg = build_config({}, ["data.num_clients=6", "data.clients_per_round=4", "data.alpha=0.3",
+def run_both(overrides, rounds=2, group_bytes="auto", device="cpu"):
+    cfg = build_config({}, [f"device={device}", "data.num_clients=6", "data.clients_per_round=4", "data.alpha=0.3",
                             "data.min_size=20", "eval.personalized=false", *overrides])
     fed = build_federation(cfg)
     torch.manual_seed(0)
@@ -45,11 +45,11 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_vectorized_equals_sequential(name, float64):
-    a, b, start = run_both(CASES[name])
+def test_vectorized_equals_sequential(name, float64, executor_device):
+    a, b, start = run_both(CASES[name], device=executor_device)
     for k in a.arrays:
-        assert torch.allclose(a.arrays[k].double(), b.arrays[k].double(), atol=1e-9, rtol=1e-7), k
-    moved = [k for k in a.arrays if not torch.equal(a.arrays[k], start.arrays[k])]
+        assert torch.allclose(a.arrays[k].double().cpu(), b.arrays[k].double().cpu(), atol=1e-9, rtol=1e-7), k
+    moved = [k for k in a.arrays if not torch.equal(a.arrays[k].cpu(), start.arrays[k].cpu())]
     assert moved, "training changed nothing, so the comparison proves nothing"
 
 
@@ -74,15 +74,15 @@ def test_stacked_adam_rows_update_only_the_rows_given():
 
 
 @pytest.mark.parametrize("clients_per_chunk", [1, 3])
-def test_chunked_groups_equal_sequential(clients_per_chunk, float64):
+def test_chunked_groups_equal_sequential(clients_per_chunk, float64, executor_device):
     """A group over the byte budget trains in chunks (4 clients: 1+1+1+1 or 3+1); same result."""
     cfg = build_config({}, ["data.num_clients=6", "data.clients_per_round=4", "eval.personalized=false"])
     per_client = state_bytes(build_federation(cfg).algorithm.template.double())
     a, b, start = run_both(["train.momentum=0.9", "train.weight_decay=0.001"],
-                           group_bytes=clients_per_chunk * per_client)
+                           group_bytes=clients_per_chunk * per_client, device=executor_device)
     for k in a.arrays:
-        assert torch.allclose(a.arrays[k].double(), b.arrays[k].double(), atol=1e-9, rtol=1e-7), k
-    assert any(not torch.equal(a.arrays[k], start.arrays[k]) for k in a.arrays)
+        assert torch.allclose(a.arrays[k].double().cpu(), b.arrays[k].double().cpu(), atol=1e-9, rtol=1e-7), k
+    assert any(not torch.equal(a.arrays[k].cpu(), start.arrays[k].cpu()) for k in a.arrays)
 
 
 def test_chunking_helpers():
