@@ -16,6 +16,8 @@ from pathlib import Path
 from fedtrust.errors import FedTrustError
 
 ROLES = {"train": "training outliers", "test": "OOD tests", "either": "training outliers or OOD tests"}
+AUTO_EXECUTOR = ("vectorized where it is faster: declarative local training, several clients per round "
+                 "and, on a CPU, small enough models; else sequential (the run log says which and why)")
 LIST_KINDS = ("algorithm", "objective", "score", "dataset", "outliers", "partitioner", "model", "executor")
 
 
@@ -56,6 +58,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print(f"{kind}:" if kind.endswith("s") else f"{kind}s:")
         for name in names(kind):
             print(f"  {name:<16} {_describe(get(kind, name))}")
+        if kind == "executor":
+            print(f"  {'auto':<16} (the default) {AUTO_EXECUTOR}")
     return 0
 
 

@@ -130,3 +130,12 @@ def test_cli_list_outliers_names_each_source_and_its_side(capsys):
     lines = {line.split()[0]: line for line in out[1:]}
     assert "Animal-MNIST (for OOD tests)" in lines["animal_mnist"]
     assert "skimage photos (for training outliers)" in lines["photos"]
+
+
+def test_cli_list_executor_explains_auto(capsys):
+    from fedtrust.cli import main
+
+    assert main(["list", "executor"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert set(lines) == {"sequential", "vectorized", "flower", "auto"}
+    assert "(the default)" in lines["auto"] and "sequential" in lines["auto"]
