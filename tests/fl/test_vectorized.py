@@ -74,12 +74,22 @@ def test_stacked_adam_rows_update_only_the_rows_given():
 
 
 @pytest.mark.parametrize("clients_per_chunk", [1, 3])
-def test_chunked_groups_equal_sequential(clients_per_chunk, float64, executor_device):
+def test_chunked_groups_equal_sequential(clients_per_chunk, float64, executor_device, monkeypatch):
     """A group over the byte budget trains in chunks (4 clients: 1+1+1+1 or 3+1); same result."""
     cfg = build_config({}, ["data.num_clients=6", "data.clients_per_round=4", "eval.personalized=false"])
     per_client = state_bytes(build_federation(cfg).algorithm.template.double())
+    sizes = []
+    train_group = VectorizedExecutor._train_group
+
+    def spy(self, members, round):
+        sizes.append(len(members))
+        return train_group(self, members, round)
+
+    monkeypatch.setattr(VectorizedExecutor, "_train_group", spy)
     a, b, start = run_both(["train.momentum=0.9", "train.weight_decay=0.001"],
                            group_bytes=clients_per_chunk * per_client, device=executor_device)
+    expected = [1, 1, 1, 1] if clients_per_chunk == 1 else [3, 1]
+    assert sizes == expected * 2  # two rounds, the 4 clients of each in chunks
     for k in a.arrays:
         assert torch.allclose(a.arrays[k].double().cpu(), b.arrays[k].double().cpu(), atol=1e-9, rtol=1e-7), k
     assert any(not torch.equal(a.arrays[k].cpu(), start.arrays[k].cpu()) for k in a.arrays)
