@@ -121,7 +121,8 @@ def load_state(model: torch.nn.Module, state: dict[str, Tensor], device: torch.d
     anything else goes through ``load_state_dict``, which raises its usual error.
     """
     own = model.state_dict(keep_vars=True)
-    if any(t.device != torch.device(device) for t in own.values()):
+    device = torch.device(device)
+    if any(t.device != device for t in own.values()):
         model.to(device)
         own = model.state_dict(keep_vars=True)
     if own.keys() != state.keys() or any(own[k].shape != state[k].shape for k in own):
