@@ -1,6 +1,9 @@
 """metrics.jsonl: every record readable as soon as it is written; fsync throttled, forced at the end."""
 
+import json
 import os
+
+import torch
 
 from fedtrust.runner import rundir
 from fedtrust.runner.rundir import MetricsWriter, read_metrics
@@ -21,10 +24,25 @@ def test_metrics_are_readable_at_once_and_fsync_is_throttled(tmp_path, monkeypat
     assert len(synced) == 3
 
 
-def test_real_fsync_path_writes_json_lines(tmp_path):
+def strict_json(line: str):
+    """Standard JSON only: Python's json accepts NaN/Infinity, which other readers (jq, JS, pandas' ujson) reject."""
+    def refuse(name: str):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_real_fsync_path_writes_standard_json_with_null_for_nan_and_inf(tmp_path):
+    """Rules out writing ``NaN``/``Infinity`` (invalid JSON) for a non-finite metric, in a top-level
+    value, a nested dict, a list or a 0-d tensor: each becomes ``null``, finite values stay as they are."""
     writer = MetricsWriter(tmp_path)
-    writer.write({"round": 1, "x": float("nan")})
+    writer.write({"round": 1, "x": float("nan"), "y": float("inf"), "nested": {"a": float("-inf"), "b": 0.5},
+                  "list": [1.0, float("nan")], "t": torch.tensor(float("nan")), "ok": torch.tensor(0.25)})
     writer.sync()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and os.path.getsize(tmp_path / "metrics.jsonl") > 0
-    assert read_metrics(tmp_path)[0]["round"] == 1
+    assert "NaN" not in lines[0] and "Infinity" not in lines[0]
+    record = strict_json(lines[0])
+    assert record == {"round": 1, "x": None, "y": None, "nested": {"a": None, "b": 0.5}, "list": [1.0, None],
+                      "t": None, "ok": 0.25}
+    assert read_metrics(tmp_path) == [record]
