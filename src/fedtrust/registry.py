@@ -35,6 +35,8 @@ _PROVIDERS: tuple[str, ...] = (
     "fedtrust.objectives.ood",
     "fedtrust.ood.scores",
     "fedtrust.data.outliers",
+    "fedtrust.robust.aggregators",
+    "fedtrust.robust.attacks",
     "fedtrust.fl.executor",
     "fedtrust.fl.vectorized",
     "fedtrust.flower.executor",

@@ -28,7 +28,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from fedtrust.algorithms.personal import PERSONAL, PersonalizedAvg, message_arrays, module_state, personal_overrides
-from fedtrust.fl.protocol import Batch, LocalTraining, Message, TrainResult, with_prefix
+from fedtrust.fl.protocol import Batch, ClientContext, LocalTraining, Message, TrainResult, with_prefix
 from fedtrust.registry import register
 
 
@@ -60,8 +60,8 @@ class Ditto(PersonalizedAvg):
         objective = self.ctx.objective
         return objective(model.model, batch) + objective(model.personal, batch) + 0.5 * self.params.lam * prox
 
-    def plan(self, message: Message, client_state: Message) -> LocalTraining:
-        base = super().plan(message, client_state)
+    def plan(self, message: Message, client_state: Message, ctx: ClientContext) -> LocalTraining:
+        base = super().plan(message, client_state, ctx)
         glob = message.prefixed("model")
         own = personal_overrides(client_state) or glob
         init = {**module_state(with_prefix("model", glob), ["model"]), **module_state(with_prefix(PERSONAL, own), [PERSONAL])}
@@ -69,7 +69,8 @@ class Ditto(PersonalizedAvg):
         return dataclasses.replace(base, model=self.pair, init=init, loss=self.ditto_loss, ref=ref,
                                    trainable=tuple(n for n, _ in self.pair.named_parameters()))
 
-    def finish(self, message: Message, result: TrainResult, client_state: Message) -> tuple[Message, Message]:
+    def finish(self, message: Message, result: TrainResult, client_state: Message,
+               ctx: ClientContext) -> tuple[Message, Message]:
         arrays = message_arrays(result.state, ["model", PERSONAL])
         reply = Message(arrays={k: v for k, v in arrays.items() if k.startswith("model/")},
                         meta={"num_examples": result.num_examples, "loss": result.mean_loss, "steps": result.steps})

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
-from fedtrust.fl.aggregate import pool_bn_moments, weighted_mean
-from fedtrust.fl.protocol import Algorithm, Batch, LocalTraining, Message
+from fedtrust.fl.protocol import Algorithm, Batch, ClientContext, LocalTraining, Message
 from fedtrust.registry import register
 
 
@@ -23,6 +22,7 @@ class FedAvg(Algorithm):
     """Federated averaging with a server learning rate of 1."""
 
     name = "fedavg"
+    declarative = True
 
     class Params(Algorithm.Params):
         bn_aggregation: Literal["mean", "pooled"] = Field(
@@ -45,7 +45,7 @@ class FedAvg(Algorithm):
             messages[c] = Message(arrays=messages[c].arrays | {"outliers/x": share}, meta=messages[c].meta)
         return messages
 
-    def local_training(self, message: Message, client_state: Message) -> LocalTraining:
+    def local_training(self, message: Message, client_state: Message, ctx: ClientContext) -> LocalTraining:
         model = self.template
         sched = self.ctx.schedule
         return LocalTraining(
@@ -63,8 +63,6 @@ class FedAvg(Algorithm):
             augment=sched.augment,
         )
 
-    def aggregate(self, state: Message, replies: dict[int, Message], round: int) -> Message:
-        averaged = weighted_mean(replies, "model/")
-        if self.params.bn_aggregation == "pooled":
-            averaged = pool_bn_moments(replies, averaged)
-        return Message(arrays=averaged, meta=dict(state.meta))
+    def aggregate(self, state: Message, replies: dict[int, Message], round: int) -> tuple[Message, dict[str, Any]]:
+        """θ ← the configured aggregate of the replies' models (the sample-weighted mean by default)."""
+        return self.ctx.defense.merge(state, replies, ["model"], round, self.params.bn_aggregation)

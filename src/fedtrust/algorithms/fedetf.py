@@ -102,8 +102,8 @@ class FedETF(FineTuned):
         """Balanced softmax CE(β ĥᵀM + log n_k, y)."""
         return balanced_softmax_ce(model(batch["x"]), batch["y"], ref["log_prior"])
 
-    def plan(self, message: Message, client_state: Message) -> LocalTraining:
-        base = super().plan(message, client_state)
+    def plan(self, message: Message, client_state: Message, ctx: ClientContext) -> LocalTraining:
+        base = super().plan(message, client_state, ctx)
         return dataclasses.replace(base, ref={"log_prior": log_prior(client_state.arrays[LABEL_COUNTS])})
 
     def finetune_names(self, model: nn.Module) -> tuple[str, ...]:

@@ -41,7 +41,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -49,9 +49,10 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from fedtrust.algorithms.personal import (
-    LABEL_COUNTS, FeatureHead, merge_mean, message_arrays, module_state, split_backbone, with_label_counts,
+    LABEL_COUNTS, FeatureHead, message_arrays, module_state, split_backbone, with_label_counts,
 )
 from fedtrust.data.types import ImageSet
+from fedtrust.fl.defense import DEFENSE
 from fedtrust.fl.local import train_locally
 from fedtrust.algorithms.fedavg import FedAvg
 from fedtrust.fl.protocol import Batch, ClientContext, LocalTraining, Message, TrainResult, with_prefix
@@ -212,10 +213,11 @@ class FedLoGe(FedAvg):
     def configure(self, state: Message, round: int, clients: list[int]) -> dict[int, Message]:
         """θ, SSE-C, G and the initial local head, plus what FedAvg adds (lr, outlier shares)."""
         base = super().configure(state, round, clients)
-        return {c: Message(arrays={**state.arrays, **m.arrays}, meta=m.meta) for c, m in base.items()}
+        shared = {k: v for k, v in state.arrays.items() if not k.startswith(DEFENSE + "/")}  # the aggregator's own state stays
+        return {c: Message(arrays={**shared, **m.arrays}, meta=m.meta) for c, m in base.items()}
 
-    def aggregate(self, state: Message, replies: dict[int, Message], round: int) -> Message:
-        return merge_mean(state, replies, SHARED, self.params.bn_aggregation)
+    def aggregate(self, state: Message, replies: dict[int, Message], round: int) -> tuple[Message, dict[str, Any]]:
+        return self.ctx.defense.merge(state, replies, SHARED, round, self.params.bn_aggregation)
 
     # ---- client ----------------------------------------------------------
     def local_loss(self, model: FedLoGeNet, params: dict[str, Tensor], batch: Batch, ref: dict[str, Tensor]) -> Tensor:
@@ -239,16 +241,17 @@ class FedLoGe(FedAvg):
         own = client_state.prefixed("head_l") if client_state is not None else {}
         return own or state.prefixed(L_INIT)
 
-    def local_training(self, message: Message, client_state: Message) -> LocalTraining | None:
+    def local_training(self, message: Message, client_state: Message, ctx: ClientContext) -> LocalTraining | None:
         if self.params.mask_absent and LABEL_COUNTS not in client_state.arrays:
             return None  # first visit: client_update records the label counts the mask needs
-        base = super().local_training(message, client_state)  # schedule, optimizer, outliers, views
+        base = super().local_training(message, client_state, ctx)  # schedule, optimizer, outliers, views
         init = module_state(message.arrays, SENT)
         init.update({f"head_l.{k}": v for k, v in self.local_head(message, client_state).items()})
         trainable = tuple(n for n, _ in base.model.named_parameters() if not n.startswith("sse_c."))
         return dataclasses.replace(base, init=init, trainable=trainable, ref={})
 
-    def finish(self, message: Message, result: TrainResult, client_state: Message) -> tuple[Message, Message]:
+    def finish(self, message: Message, result: TrainResult, client_state: Message,
+               ctx: ClientContext) -> tuple[Message, Message]:
         """Reply θ and G; keep L_k in the client state (it never enters a reply)."""
         arrays = message_arrays(result.state, (*SHARED, "head_l"))
         reply = Message(arrays={k: v for k, v in arrays.items() if not k.startswith("head_l/")},
@@ -260,8 +263,8 @@ class FedLoGe(FedAvg):
                       ctx: ClientContext) -> tuple[Message, Message]:
         if self.params.mask_absent:
             client_state = with_label_counts(client_state, data)
-        result = train_locally(self.local_training(message, client_state), data, ctx, self.ctx.normalize)
-        return self.finish(message, result, client_state)
+        result = train_locally(self.local_training(message, client_state, ctx), data, ctx, self.ctx.normalize)
+        return self.finish(message, result, client_state, ctx)
 
     # ---- inference (spec §5) ----------------------------------------------
     def predictors(self, state: Message, client_state: Message | None = None) -> dict[str, nn.Module]:

@@ -33,12 +33,14 @@ class FedRep(FedPer):
     class Params(FedPer.Params):
         head_epochs: int = Field(10, ge=1, description="epochs of head-only training before the body (τ_h of Alg. 1)")
 
-    def local_training(self, message: Message, client_state: Message) -> LocalTraining | None:
+    declarative = False
+
+    def local_training(self, message: Message, client_state: Message, ctx: ClientContext) -> LocalTraining | None:
         return None
 
     def client_update(self, message: Message, data: ImageSet, client_state: Message,
                       ctx: ClientContext) -> tuple[Message, Message]:
-        plan = self.plan(message, client_state)
+        plan = self.plan(message, client_state, ctx)
         names = plan.trainable
         head = run_phase(plan, data, ctx, self.ctx.normalize, trainable=tuple(n for n in names if is_head(n)),
                          epochs=self.params.head_epochs, steps=None)
@@ -46,4 +48,4 @@ class FedRep(FedPer):
                          trainable=tuple(n for n in names if not is_head(n)))
         result = TrainResult(state=body.state, num_examples=body.num_examples, steps=head.steps + body.steps,
                              mean_loss=body.mean_loss)
-        return self.finish(message, result, client_state)
+        return self.finish(message, result, client_state, ctx)

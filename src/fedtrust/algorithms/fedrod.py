@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 
 from fedtrust.algorithms.fedavg import FedAvg
 from fedtrust.algorithms.personal import (
-    LABEL_COUNTS, balanced_softmax_ce, log_prior, merge_mean, message_arrays, module_state, with_label_counts,
+    LABEL_COUNTS, balanced_softmax_ce, log_prior, message_arrays, module_state, with_label_counts,
 )
 from fedtrust.data.types import ImageSet
 from fedtrust.fl.local import train_locally
@@ -74,10 +75,10 @@ class FedRoD(FedAvg):
         personal = F.cross_entropy(g.detach() + model.p_head(f.detach()), batch["y"])
         return generic + personal
 
-    def local_training(self, message: Message, client_state: Message) -> LocalTraining | None:
+    def local_training(self, message: Message, client_state: Message, ctx: ClientContext) -> LocalTraining | None:
         if LABEL_COUNTS not in client_state.arrays:
             return None  # first visit: client_update computes the label prior
-        base = super().local_training(message, client_state)
+        base = super().local_training(message, client_state, ctx)
         init = {**module_state(message.arrays, ["model"]), **self._p_head(client_state)}
         return dataclasses.replace(base, model=self.net, init=init, loss=self.rod_loss,
                                    trainable=tuple(n for n, _ in self.net.named_parameters()),
@@ -88,7 +89,8 @@ class FedRoD(FedAvg):
         own = module_state(client_state.arrays, ["p_head"]) if client_state is not None else {}
         return own or {f"p_head.{k}": torch.zeros_like(v) for k, v in self.net.p_head.state_dict().items()}
 
-    def finish(self, message: Message, result: TrainResult, client_state: Message) -> tuple[Message, Message]:
+    def finish(self, message: Message, result: TrainResult, client_state: Message,
+               ctx: ClientContext) -> tuple[Message, Message]:
         arrays = message_arrays(result.state, ["model", "p_head"])
         reply = Message(arrays={k: v for k, v in arrays.items() if k.startswith("model/")},
                         meta={"num_examples": result.num_examples, "loss": result.mean_loss, "steps": result.steps})
@@ -98,11 +100,11 @@ class FedRoD(FedAvg):
     def client_update(self, message: Message, data: ImageSet, client_state: Message,
                       ctx: ClientContext) -> tuple[Message, Message]:
         client_state = with_label_counts(client_state, data)
-        result = train_locally(self.local_training(message, client_state), data, ctx, self.ctx.normalize)
-        return self.finish(message, result, client_state)
+        result = train_locally(self.local_training(message, client_state, ctx), data, ctx, self.ctx.normalize)
+        return self.finish(message, result, client_state, ctx)
 
-    def aggregate(self, state: Message, replies: dict[int, Message], round: int) -> Message:
-        return merge_mean(state, replies, ["model"], self.params.bn_aggregation)
+    def aggregate(self, state: Message, replies: dict[int, Message], round: int) -> tuple[Message, dict[str, Any]]:
+        return self.ctx.defense.merge(state, replies, ["model"], round, self.params.bn_aggregation)
 
     def predictors(self, state: Message, client_state: Message | None = None) -> dict[str, nn.Module]:
         net = copy.deepcopy(self.net)

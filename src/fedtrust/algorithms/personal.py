@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+from typing import Any
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
@@ -32,7 +33,6 @@ from torch import Tensor, nn
 from fedtrust.algorithms.fedavg import FedAvg
 from fedtrust.data.types import ImageSet
 from fedtrust.errors import ConfigError
-from fedtrust.fl.aggregate import pool_bn_moments, weighted_mean
 from fedtrust.fl.local import train_locally
 from fedtrust.fl.protocol import Batch, ClientContext, LocalTraining, Message, TrainResult, with_prefix
 from fedtrust.models.heads import FeatureHead  # noqa: F401  (re-exported: the algorithms' predictors)
@@ -76,19 +76,6 @@ def message_arrays(state: Mapping[str, Tensor], prefixes: Iterable[str]) -> dict
     for p in prefixes:
         out.update({f"{p}/{k[len(p) + 1:]}": v for k, v in state.items() if k.startswith(p + ".")})
     return out
-
-
-def merge_mean(state: Message, replies: Mapping[int, Message], prefixes: Iterable[str],
-               bn_aggregation: str = "mean") -> Message:
-    """The server state with every array the replies carry under ``prefixes`` replaced by their
-    sample-weighted mean (McMahan et al. 2017, Alg. 1); arrays no reply carries (a frozen or
-    personal head, a fixed classifier) keep their value. ``bn_aggregation="pooled"`` pools BN
-    variances by moments as FedAvg's option does."""
-    arrays = dict(state.arrays)
-    for p in prefixes:
-        averaged = weighted_mean(replies, p + "/")
-        arrays.update(pool_bn_moments(replies, averaged) if bn_aggregation == "pooled" else averaged)
-    return Message(arrays=arrays, meta=dict(state.meta))
 
 
 # --------------------------------------------------------------------------- label priors
@@ -190,16 +177,17 @@ class PersonalizedAvg(FedAvg):
         """Parameters trained locally: all of them by default."""
         return tuple(name for name, _ in model.named_parameters())
 
-    def plan(self, message: Message, client_state: Message) -> LocalTraining:
+    def plan(self, message: Message, client_state: Message, ctx: ClientContext) -> LocalTraining:
         """The round's local training of this client (declarative)."""
-        base = super().local_training(message, client_state)
+        base = super().local_training(message, client_state, ctx)
         own = {k: v for k, v in personal_overrides(client_state).items() if self.is_personal(k)}
         return dataclasses.replace(base, init={**base.init, **own}, trainable=self.trainable(base.model))
 
-    def local_training(self, message: Message, client_state: Message) -> LocalTraining | None:
-        return self.plan(message, client_state)
+    def local_training(self, message: Message, client_state: Message, ctx: ClientContext) -> LocalTraining | None:
+        return self.plan(message, client_state, ctx)
 
-    def finish(self, message: Message, result: TrainResult, client_state: Message) -> tuple[Message, Message]:
+    def finish(self, message: Message, result: TrainResult, client_state: Message,
+               ctx: ClientContext) -> tuple[Message, Message]:
         state = {k: v for k, v in result.state.items() if not self.is_fixed(k)}
         shared, own = split_state(state, self.is_personal)
         reply = Message(arrays=with_prefix("model", shared),
@@ -209,11 +197,11 @@ class PersonalizedAvg(FedAvg):
 
     def client_update(self, message: Message, data: ImageSet, client_state: Message,
                       ctx: ClientContext) -> tuple[Message, Message]:
-        result = train_locally(self.plan(message, client_state), data, ctx, self.ctx.normalize)
-        return self.finish(message, result, client_state)
+        result = train_locally(self.plan(message, client_state, ctx), data, ctx, self.ctx.normalize)
+        return self.finish(message, result, client_state, ctx)
 
-    def aggregate(self, state: Message, replies: dict[int, Message], round: int) -> Message:
-        return merge_mean(state, replies, ["model"], self.params.bn_aggregation)
+    def aggregate(self, state: Message, replies: dict[int, Message], round: int) -> tuple[Message, dict[str, Any]]:
+        return self.ctx.defense.merge(state, replies, ["model"], round, self.params.bn_aggregation)
 
     def personalized_model(self, state: Message, client_state: Message | None) -> nn.Module:
         """The global model with the client's ``"personal/"`` entries laid over it."""
@@ -257,12 +245,14 @@ class FineTuned(PersonalizedAvg):
         """The fine-tuning loss: the configured objective (cross-entropy by default)."""
         return self.ctx.objective(model, batch)
 
-    def local_training(self, message: Message, client_state: Message) -> LocalTraining | None:
+    declarative = False
+
+    def local_training(self, message: Message, client_state: Message, ctx: ClientContext) -> LocalTraining | None:
         return None
 
     def finetune(self, message: Message, data: ImageSet, client_state: Message, ctx: ClientContext) -> dict[str, Tensor]:
         """Fine-tune the received global model; returns the entries to store as personal."""
-        base = FedAvg.local_training(self, message, client_state)
+        base = FedAvg.local_training(self, message, client_state, ctx)
         p = self.params
         # GUESS: the undecayed client lr; the round's decayed lr (→ 0 at the end of a cosine
         # schedule) would make the last rounds' fine-tuning, the one evaluation sees, a no-op.

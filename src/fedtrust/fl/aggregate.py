@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from fedtrust.errors import FedTrustError
-from fedtrust.fl.protocol import Message
+from fedtrust.fl.types import Message
 
 
 def reply_weights(replies: Mapping[int, Message], key: str = "num_examples") -> dict[int, float]:

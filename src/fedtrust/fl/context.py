@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fedtrust.fl.protocol import OptimizerSpec
+from fedtrust.fl.defense import Defense, server_generator
+from fedtrust.fl.types import OptimizerSpec
 
 
 @dataclass
@@ -28,14 +29,17 @@ class LocalSchedule:
 class AlgorithmContext:
     """Everything an :class:`~fedtrust.fl.protocol.Algorithm` needs besides its own params.
 
-    ``new_model`` builds a freshly initialised model under the caller's RNG;
+    ``new_model(**overrides)`` builds a freshly initialised model of the configured
+    architecture under the caller's RNG; keyword overrides replace the builder's
+    arguments (``width``, ``norm``, ...), so an algorithm can build nets of several
+    widths from the registry;
     ``class_counts`` are the global training class counts (the prior π of logit
     adjustment; revealing them discloses only counts); ``lr(round)`` is the
     client learning rate of a round under the configured schedule;
     ``normalize`` maps uint8 images to the model's float input.
     """
 
-    new_model: Callable[[], nn.Module]
+    new_model: Callable[..., nn.Module]
     num_classes: int
     class_counts: Tensor
     objective: Callable[..., Tensor]
@@ -46,6 +50,13 @@ class AlgorithmContext:
     seed: int = 0
     outliers: Tensor | None = None
     """The server's pool of auxiliary outliers (uint8 images), when the objective needs them."""
+    defense: Defense = dataclasses.field(default_factory=Defense)
+    """How the server aggregates what the algorithm averages (config section ``defense``)."""
+
+    def generator(self, round: int, stream: int = 0) -> torch.Generator:
+        """The server's seeded RNG of ``round`` (and an algorithm-chosen ``stream``): server-side
+        randomness comes from here, never from the global RNG."""
+        return server_generator(self.seed, round, 1000 + stream)
 
     def outlier_shares(self, round: int, clients: list[int]) -> dict[int, Tensor]:
         """Each sampled client's share of the outlier pool this round (spec rna.md §8, variant A).

@@ -1,9 +1,16 @@
 """Executors own the round loop; algorithms never know which one runs them.
 
 The loop (:meth:`Executor.run`) is written once: sample clients, ``configure``,
-execute the clients, ``aggregate``, then hand a :class:`RoundReport` to the
-callbacks (evaluation, metrics, checkpoints, progress). A subclass only says
-how a round's clients are executed (:meth:`Executor.execute`).
+execute the clients (each through the one client runtime, :class:`ClientRuntime`,
+with its attack wrapper), let omniscient attacks collude (simulation only),
+validate the replies (:func:`~fedtrust.fl.validate.validate_replies`), ``aggregate``
+the valid ones, then hand a :class:`RoundReport` to the callbacks (evaluation,
+metrics, checkpoints, progress). A subclass only says how a round's clients are
+executed (:meth:`Executor.execute`).
+
+A round whose valid replies are fewer than ``defense.min_replies`` keeps the
+previous server state and says why in its metrics; rejected replies are logged
+with their client id and reason (``"rejected"``). The run goes on either way.
 """
 
 from __future__ import annotations
@@ -16,8 +23,11 @@ import torch
 
 from fedtrust.data.types import ImageSet
 from fedtrust.fl.protocol import Algorithm, ClientContext, Message
+from fedtrust.fl.runtime import ClientRuntime
 from fedtrust.fl.sampling import client_generator, sample_clients
+from fedtrust.fl.validate import validate_replies
 from fedtrust.registry import register
+from fedtrust.robust.attacks import Attack
 
 
 class ClientStore:
@@ -87,8 +97,9 @@ class Executor:
     name = "base"
 
     def __init__(self, algorithm: Algorithm, data: ClientData, seed: int, device: torch.device,
-                 num_sampled: int, log: Callable[[str], None] | None = None) -> None:
+                 num_sampled: int, log: Callable[[str], None] | None = None, attack: Attack | None = None) -> None:
         self.algorithm = algorithm
+        self.runtime = ClientRuntime(algorithm, attack)
         self.data = data
         self.seed = seed
         self.device = device
@@ -97,6 +108,23 @@ class Executor:
 
     def execute(self, messages: dict[int, Message], round: int, store: ClientStore) -> dict[int, Message]:
         raise NotImplementedError
+
+    def aggregate(self, state: Message, replies: dict[int, Message], round: int) -> tuple[Message, dict[str, Any]]:
+        """Validate the replies, then aggregate the valid ones (or keep ``state`` when too few are left)."""
+        defense = self.algorithm.ctx.defense
+        valid, rejected = validate_replies(state, replies, defense.max_update_norm)
+        metrics: dict[str, Any] = {}
+        if rejected:
+            metrics["rejected"] = {str(c): reason for c, reason in rejected.items()}
+            for c, reason in rejected.items():
+                self.log(f"round {round}: reply of client {c} rejected: {reason}")
+        if len(valid) < defense.min_replies:
+            metrics["skipped"] = (f"{len(valid)} valid replies of {len(replies)}, fewer than "
+                                  f"defense.min_replies={defense.min_replies}: kept the previous server state")
+            self.log(f"round {round}: {metrics['skipped']}")
+            return state, metrics
+        state, agg_metrics = self.algorithm.aggregate(state, valid, round)
+        return state, {**metrics, **agg_metrics}
 
     def client_context(self, client: int, round: int) -> ClientContext:
         return ClientContext(client, round, client_generator(self.seed, round, client), self.device)
@@ -109,9 +137,9 @@ class Executor:
         for r in range(start_round + 1, rounds + 1):
             clients = sample_clients(len(self.data), self.num_sampled, self.seed, r)
             messages = self.algorithm.configure(state, r, clients)
-            replies = self.execute(messages, r, store)
-            state = self.algorithm.aggregate(state, replies, r)
-            report = RoundReport(r, clients, {c: m.meta for c, m in replies.items()}, state, store)
+            replies = self.runtime.collude(state, messages, self.execute(messages, r, store), r)
+            state, metrics = self.aggregate(state, replies, r)
+            report = RoundReport(r, clients, {c: m.meta for c, m in replies.items()}, state, store, metrics)
             for cb in callbacks:
                 cb.after_round(report)
             if should_stop is not None and should_stop():
@@ -130,7 +158,7 @@ class SequentialExecutor(Executor):
     def execute(self, messages: dict[int, Message], round: int, store: ClientStore) -> dict[int, Message]:
         replies = {}
         for c in sorted(messages):
-            reply, new_state = self.algorithm.client_update(
+            reply, new_state = self.runtime.run(
                 messages[c], self.data.client(c), store.get(c), self.client_context(c, round))
             store.set(c, new_state)
             replies[c] = reply

@@ -18,7 +18,7 @@ from torch import Tensor
 from fedtrust.data.augment import apply_augment, draw_augment
 from fedtrust.data.types import ImageSet
 from fedtrust.errors import FedTrustError
-from fedtrust.fl.protocol import Batch, ClientContext, LocalTraining, TrainResult
+from fedtrust.fl.types import Batch, ClientContext, LocalTraining, TrainResult
 from fedtrust.fl.sampling import seed_global_rngs
 
 

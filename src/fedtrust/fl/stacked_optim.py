@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fedtrust.fl.protocol import OptimizerSpec
+from fedtrust.fl.types import OptimizerSpec
 
 
 class StackedOptimizer:

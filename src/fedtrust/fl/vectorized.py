@@ -33,7 +33,8 @@ from torch.func import functional_call, grad_and_value, vmap
 from fedtrust.data.augment import concat_draws
 from fedtrust.fl.executor import ClientStore, Executor
 from fedtrust.fl.local import ClientSchedule, assemble_batch, client_schedule, draw_step
-from fedtrust.fl.protocol import Algorithm, LocalTraining, Message, TrainResult
+from fedtrust.fl.protocol import Algorithm
+from fedtrust.fl.types import ClientContext, LocalTraining, Message, TrainResult
 from fedtrust.fl.sampling import client_generator, seed_global_rngs
 from fedtrust.fl.stacked_optim import StackedOptimizer
 from fedtrust.registry import register
@@ -89,21 +90,22 @@ class VectorizedExecutor(Executor):
         seed_global_rngs(client_generator(self.seed, round, 2**31).initial_seed())  # dropout under vmap
         replies: dict[int, Message] = {}
         groups: dict[tuple, list[tuple[int, LocalTraining]]] = defaultdict(list)
+        contexts = {}
         for c in sorted(messages):
-            plan = self.algorithm.local_training(messages[c], store.get(c))
+            ctx = contexts[c] = self.client_context(c, round)
+            plan = self.runtime.plan(messages[c], store.get(c), ctx)
             if plan is None:
                 self._warn_fallback()
-                reply, state = self.algorithm.client_update(
-                    messages[c], self.data.client(c), store.get(c), self.client_context(c, round))
+                reply, state = self.runtime.run(messages[c], self.data.client(c), store.get(c), ctx)
                 store.set(c, state)
                 replies[c] = reply
             else:
                 groups[_group_key(plan)].append((c, plan))
         for members in groups.values():
             for chunk in chunked(members, clients_per_group(members[0][1], self.group_bytes)):
-                results = self._train_group(chunk, round)
-                for c, plan in chunk:
-                    reply, state = self.algorithm.finish(messages[c], results[c], store.get(c))
+                results = self._train_group(chunk, contexts)
+                for c, plan in chunk:  # the context whose generator trained the client, as on the sequential path
+                    reply, state = self.runtime.finish(messages[c], results[c], store.get(c), contexts[c])
                     store.set(c, state)
                     replies[c] = reply
         return dict(sorted(replies.items()))
@@ -111,21 +113,22 @@ class VectorizedExecutor(Executor):
     def _warn_fallback(self) -> None:
         if not self._warned:
             self._warned = True
-            self.log(f"algorithm {self.algorithm.name!r} has no declarative local training: "
-                     "its clients run one after another (sequential path)")
+            self.log(f"some clients of algorithm {self.algorithm.name!r} have no declarative local training "
+                     "(or an attack changes their data): they run one after another (sequential path)")
 
     # ------------------------------------------------------------------ one group
 
-    def _schedule(self, members: list[tuple[int, LocalTraining]], round: int) -> list[_Client]:
+    def _schedule(self, members: list[tuple[int, LocalTraining]], contexts: dict[int, ClientContext]) -> list[_Client]:
         clients = []
         for c, plan in members:
-            ctx = self.client_context(c, round)
+            ctx = contexts[c]
             idx = self.data.indices[c]
             clients.append(_Client(c, plan, idx, client_schedule(plan, len(idx), ctx.generator), ctx.generator))
         return clients
 
-    def _train_group(self, members: list[tuple[int, LocalTraining]], round: int) -> dict[int, TrainResult]:
-        clients = self._schedule(members, round)
+    def _train_group(self, members: list[tuple[int, LocalTraining]],
+                     contexts: dict[int, ClientContext]) -> dict[int, TrainResult]:
+        clients = self._schedule(members, contexts)
         plan = clients[0].plan
         model = plan.model.to(self.device).train()
         param_names = [n for n, _ in model.named_parameters()]
@@ -197,8 +200,9 @@ def _step_function(module: _LossModule) -> Callable[..., tuple[dict[str, Tensor]
 
 
 def is_declarative(algorithm: Algorithm) -> bool:
-    """True when the algorithm states its local training declaratively (so it can be vectorised)."""
-    return type(algorithm).local_training is not Algorithm.local_training
+    """True when the algorithm states its local training declaratively (so it can be vectorised):
+    its class says so (``declarative``), not merely that it overrides ``local_training``."""
+    return bool(type(algorithm).declarative)
 
 
 CPU_GROUP_BYTES = 16 * 2**20

@@ -9,8 +9,9 @@ partition ``k`` of the seeded partition, and answers three message types:
 
 - ``query``: "which client are you?" → ``partition-id`` and ``num-partitions``
   (the ServerApp maps Flower node ids to client ids with it);
-- ``train``: the fedtrust message for this round → ``algorithm.client_update``
-  with the client's persistent state, which stays in ``context.state`` on the
+- ``train``: the fedtrust message for this round → the client runtime
+  (``algorithm.client_update`` inside the configured attack wrapper, as on every
+  executor) with the client's persistent state, which stays in ``context.state`` on the
   node and is never sent;
 - ``evaluate``: the server state → the client's personalized scores
   (:func:`~fedtrust.fl.evaluate.score_client`: the predictors built with that
@@ -44,6 +45,7 @@ from fedtrust.errors import ConfigError, FedTrustError
 from fedtrust.fl.evaluate import EvalSetup, score_client
 from fedtrust.fl.executor import ClientData
 from fedtrust.fl.protocol import Algorithm, ClientContext, Message
+from fedtrust.fl.runtime import ClientRuntime
 from fedtrust.fl.sampling import client_generator
 from fedtrust.flower import LOGGER
 from fedtrust.flower.app_config import config_from_run_config
@@ -67,9 +69,12 @@ STATE_PREFIX = "fedtrust.client_state"
 
 
 @dataclass(frozen=True)
-class ClientRuntime:
-    """What a node needs to act as its client: the algorithm, the federation's data, the seed and evaluation."""
+class NodeRuntime:
+    """What a node needs to act as its client: the client runtime (algorithm and attack wrapper, the same
+    :class:`~fedtrust.fl.runtime.ClientRuntime` every executor runs), the federation's data, the seed and
+    evaluation."""
 
+    client: ClientRuntime
     algorithm: Algorithm
     data: ClientData
     seed: int
@@ -78,12 +83,12 @@ class ClientRuntime:
 
 
 @functools.lru_cache(maxsize=2)
-def _build_runtime(config_json: str) -> ClientRuntime:
+def _build_runtime(config_json: str) -> NodeRuntime:
     """Build once per process and config (a Ray actor serves many messages); keyed by the whole config."""
     from fedtrust.runner.federation import build_federation
 
     fed = build_federation(build_config(json.loads(config_json)))
-    return ClientRuntime(fed.algorithm, fed.data, fed.config.seed, fed.device, fed.eval_setup)
+    return NodeRuntime(fed.executor.runtime, fed.algorithm, fed.data, fed.config.seed, fed.device, fed.eval_setup)
 
 
 def node_client(node_config: Mapping[str, Any], num_clients: int) -> int:
@@ -123,7 +128,7 @@ def handle_query(message: FlowerMessage, context: Context, config: Mapping[str, 
 
 
 def _addressed(message: FlowerMessage, context: Context,
-               config: Mapping[str, Any] | None) -> tuple[int, int, ClientRuntime]:
+               config: Mapping[str, Any] | None) -> tuple[int, int, NodeRuntime]:
     """``(client id, round, runtime)`` of a train or evaluate message; one for another client is an error."""
     cfg = node_run_config(context, config)
     client = node_client(context.node_config, cfg.data.num_clients)
@@ -146,7 +151,7 @@ def handle_train(message: FlowerMessage, context: Context, config: Mapping[str, 
     incoming = from_records(message.content, device=runtime.device)
     state = _client_state(context, runtime.device)
     ctx = ClientContext(client, round_, client_generator(runtime.seed, round_, client), runtime.device)
-    reply, new_state = runtime.algorithm.client_update(incoming, runtime.data.client(client), state, ctx)
+    reply, new_state = runtime.client.run(incoming, runtime.data.client(client), state, ctx)
     store_message(context.state, new_state, STATE_PREFIX)
     return RecordDict(to_records(reply))
 

@@ -156,6 +156,63 @@ class EvalConfig(Section):
         return self
 
 
+class AttackConfig(BaseModel):
+    """Section ``attack``: a registered attack wrapping the chosen clients; its other keys are its params."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+    name: str | None = Field(None, description="registered attack (`fedtrust list attack`); null: no attack")
+    fraction: float = Field(0.0, ge=0, le=1, description="fraction of the clients that are malicious, drawn once "
+                                                         "from the seed (ignored when ids is set)")
+    ids: list[int] | None = Field(None, description="fixed malicious client ids (instead of fraction)")
+    rounds: list[int] | None = Field(None, description="the rounds the attackers attack; null: from..to")
+    start: int = Field(1, ge=1, alias="from", description="first attack round (when rounds is null)")
+    to: int | None = Field(None, ge=1, description="last attack round (when rounds is null); null: the last round")
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _check(self) -> "AttackConfig":
+        if self.name is None:
+            if self.params():
+                raise ConfigError(f"unknown config key 'attack.{next(iter(self.params()))}' with no attack "
+                                  f"(set attack.name; `fedtrust list attack`)")
+            return self
+        _check_params("attack", self.name, get("attack", self.name).Params, self.params())
+        if self.ids is None and self.fraction == 0:
+            raise ConfigError(f"attack {self.name!r} has no attackers: set attack.fraction (0..1] or attack.ids")
+        if self.to is not None and self.to < self.start:
+            raise ConfigError(f"config key 'attack.to': {self.to} is before attack.from={self.start}")
+        return self
+
+
+class DefenseConfig(BaseModel):
+    """Section ``defense``: the server's aggregator (its params as extra keys) and reply validation."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    aggregator: str = Field("mean", description="registered aggregator (`fedtrust list aggregator`); other keys "
+                                                "of the section are its params")
+    server_lr: float = Field(1.0, gt=0, description="server learning rate η_s on the aggregated update "
+                                                    "(θ ← θ + η_s·agg(Δ))")
+    max_update_norm: float | None = Field(None, gt=0, description="reject replies whose update norm exceeds this; "
+                                                                  "null: no bound")
+    min_replies: int = Field(1, ge=1, description="a round with fewer valid replies keeps the previous server state")
+    root_size: int = Field(0, ge=0, description="training samples held out as the server's root data set "
+                                                "(FLTrust; 0: none)")
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _check(self) -> "DefenseConfig":
+        cls = get("aggregator", self.aggregator)
+        _check_params("defense", self.aggregator, cls.Params, self.params())
+        if cls.needs_root and self.root_size == 0:
+            raise ConfigError(f"defense.aggregator={self.aggregator!r} needs a server root data set: "
+                              f"set defense.root_size (e.g. 100)")
+        return self
+
+
 class RunConfig(Section):
     seed: int = Field(0, ge=0, description="seed of everything: init, partition, sampling, batches")
     rounds: int = Field(30, ge=1, description="communication rounds")
@@ -169,6 +226,9 @@ class RunConfig(Section):
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig, description="local training objective")
     train: TrainConfig = Field(default_factory=TrainConfig, description="client optimizer and local schedule")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
+    attack: AttackConfig = Field(default_factory=AttackConfig, description="attack wrapping malicious clients")
+    defense: DefenseConfig = Field(default_factory=DefenseConfig, description="server-side aggregation and "
+                                                                              "reply validation")
 
     @model_validator(mode="after")
     def _outliers(self) -> "RunConfig":
@@ -312,7 +372,7 @@ def build_config(tree: dict[str, Any] | None = None, overrides: list[str] | None
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     """The resolved config as plain data (what ``config.yaml`` holds)."""
-    return cfg.model_dump(mode="json")
+    return cfg.model_dump(mode="json", by_alias=True)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -333,7 +393,7 @@ def section_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list
     rows = []
     for name, field in model.model_fields.items():
         ann = field.annotation
-        key = f"{prefix}{name}"
+        key = f"{prefix}{field.alias or name}"
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             rows.append((key, None, field.description or ""))
             rows.extend(section_fields(ann, key + "."))

@@ -21,12 +21,15 @@ from fedtrust.data.datasets import load_dataset
 from fedtrust.data.outliers import load_outliers
 from fedtrust.data.longtail import cumulative_groups, make_longtail, shot_groups
 from fedtrust.data.partition import partition, partition_stats
-from fedtrust.data.types import Dataset
+from fedtrust.data.types import Dataset, ImageSet
 from fedtrust.errors import ConfigError
 from fedtrust.fl.context import AlgorithmContext, LocalSchedule
+from fedtrust.fl.defense import Defense, RootUpdate, server_generator
+from fedtrust.robust.aggregators import build_aggregator
+from fedtrust.robust.attacks import Attack, build_attack
 from fedtrust.fl.evaluate import EvalSetup, EvaluatesClients
 from fedtrust.fl.executor import ClientData, Executor
-from fedtrust.fl.protocol import Algorithm, OptimizerSpec
+from fedtrust.fl.protocol import Algorithm, ClientContext, Message, OptimizerSpec
 from fedtrust.fl.sampling import clients_per_round
 from fedtrust.fl.schedule import lr_at
 from fedtrust.fl.vectorized import executor_choice
@@ -89,6 +92,7 @@ def build_federation(cfg: RunConfig) -> Federation:
     if cfg.data.imbalance_ratio > 1:
         keep = make_longtail(train.y.numpy(), dataset.num_classes, cfg.data.imbalance_ratio)
         train = train.subset(torch.from_numpy(keep))
+    train, root_set = hold_out_root(train, cfg.defense.root_size, cfg.seed)
     labels = train.y.numpy()
     parts = build_partition(cfg, labels)
     stats = partition_stats(parts, labels, dataset.num_classes)
@@ -114,12 +118,15 @@ def build_federation(cfg: RunConfig) -> Federation:
         outliers = load_outliers(cfg.data.outliers, dataset.shape, cfg.data.num_outliers, cfg.seed, root).to(device)
 
     algorithm = build_algorithm(cfg, dataset, torch.as_tensor(class_counts), norm, device, outliers)
+    if root_set is not None:
+        algorithm.ctx.defense.root = root_trainer(algorithm, root_set.to(device), cfg.seed, device)
     k = clients_per_round(cfg.data.clients_per_round, cfg.data.num_clients)
     name, reason = (executor_choice(algorithm, k, device) if cfg.executor == "auto"
                     else (cfg.executor, "set in the config"))
     executor_cls = get("executor", name)
     extra = {"config": cfg} if "config" in inspect.signature(executor_cls).parameters else {}
-    executor = executor_cls(algorithm, data, cfg.seed, device, k, **extra)
+    executor = executor_cls(algorithm, data, cfg.seed, device, k, attack=build_run_attack(cfg, dataset.num_classes),
+                            **extra)
     if isinstance(executor, EvaluatesClients):  # client state kept off the server (Flower): scored where it lives
         eval_setup.client_evaluator = executor.evaluate_clients
     return Federation(cfg, dataset, data, stats, algorithm, executor, eval_setup, device,
@@ -134,8 +141,9 @@ def build_algorithm(cfg: RunConfig, dataset: Dataset, class_counts: torch.Tensor
 
     objective = build_objective(cfg.objective.name, cfg.objective.params(), dataset.num_classes, class_counts)
 
-    def new_model() -> torch.nn.Module:
-        return objective.wrap_model(create_model(cfg.model.name, dataset.num_classes, dataset.shape, **model_kwargs))
+    def new_model(**overrides: Any) -> torch.nn.Module:
+        return objective.wrap_model(create_model(cfg.model.name, dataset.num_classes, dataset.shape,
+                                                 **{**model_kwargs, **overrides}))
 
     augment = dataset.augment if cfg.data.augment == "auto" else cfg.data.augment
     schedule = LocalSchedule(
@@ -146,6 +154,57 @@ def build_algorithm(cfg: RunConfig, dataset: Dataset, class_counts: torch.Tensor
                            step_rounds=t.lr_step_rounds, gamma=t.lr_gamma)
     ctx = AlgorithmContext(new_model=new_model, num_classes=dataset.num_classes, class_counts=class_counts,
                            objective=objective, schedule=schedule, lr=lr, normalize=norm, device=device,
-                           seed=cfg.seed, outliers=outliers)
+                           seed=cfg.seed, outliers=outliers, defense=build_defense(cfg))
     cls = get("algorithm", cfg.algorithm.name)
-    return cls(cls.Params(**cfg.algorithm.params()), ctx)
+    params = cls.Params(**cfg.algorithm.params())
+    if getattr(params, "bn_aggregation", "mean") == "pooled" and cfg.defense.aggregator != "mean":
+        raise ConfigError(f"algorithm.bn_aggregation=pooled pools BN moments by the mean; it cannot combine with "
+                          f"defense.aggregator={cfg.defense.aggregator!r} (use bn_aggregation=mean)")
+    return cls(params, ctx)
+
+
+_ROOT_STREAM = 9
+
+
+def build_defense(cfg: RunConfig) -> Defense:
+    """The ``defense`` section as the server's :class:`~fedtrust.fl.defense.Defense`."""
+    d = cfg.defense
+    return Defense(aggregator=build_aggregator(d.aggregator, d.params()), server_lr=d.server_lr,
+                   max_update_norm=d.max_update_norm, min_replies=d.min_replies, seed=cfg.seed)
+
+
+def build_run_attack(cfg: RunConfig, num_classes: int) -> Attack | None:
+    """The ``attack`` section as an :class:`~fedtrust.robust.attacks.Attack` (None without one)."""
+    a = cfg.attack
+    if a.name is None:
+        return None
+    return build_attack(a.name, a.params(), ids=a.ids, fraction=a.fraction, rounds=a.rounds, first=a.start,
+                        last=a.to, num_clients=cfg.data.num_clients, num_classes=num_classes, seed=cfg.seed)
+
+
+def hold_out_root(train: ImageSet, size: int, seed: int) -> tuple[ImageSet, ImageSet | None]:
+    """``(clients' training set, the server's root set)``: ``size`` samples drawn from the run seed are
+    held out for the server (FLTrust's root data set, Cao et al. 2021 §3); none when ``size`` is 0."""
+    if size == 0:
+        return train, None
+    if size >= len(train):
+        raise ConfigError(f"config key 'defense.root_size': {size} leaves no training data "
+                          f"(the training set has {len(train)} samples)")
+    perm = torch.from_numpy(np.random.default_rng([seed, _ROOT_STREAM]).permutation(len(train)))
+    return train.subset(perm[size:].sort().values), train.subset(perm[:size].sort().values)
+
+
+ROOT_CLIENT = -1
+"""The client id of the server's own training on its root data (never a real client)."""
+
+
+def root_trainer(algorithm: Algorithm, root: ImageSet, seed: int, device: torch.device) -> RootUpdate:
+    """``root(state, round) -> reply``: the server trains the algorithm's client update on its root
+    data from the current global state (FLTrust's server model update g_0, Cao et al. 2021 Alg. 1)."""
+
+    def root_update(state: Message, round: int) -> Message:
+        message = algorithm.configure(state, round, [ROOT_CLIENT])[ROOT_CLIENT]
+        ctx = ClientContext(ROOT_CLIENT, round, server_generator(seed, round, _ROOT_STREAM), device)
+        return algorithm.client_update(message, root, Message(), ctx)[0]
+
+    return root_update

@@ -1,0 +1,121 @@
+"""The core types of the message-passing protocol (DESIGN.md "The Algorithm protocol").
+
+This module imports nothing else of ``fedtrust.fl``: executors, the client runtime,
+algorithms, attacks and defenses all import from here, so ``fl/`` has no import cycles.
+
+Messages are flat ``dict[str, Tensor]`` with namespaced keys
+(``"model/conv1.weight"``) plus JSON-able ``meta`` that carries the sample
+weight (``meta["num_examples"]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+Batch = dict[str, Tensor]
+"""A training batch: ``"x"`` (normalised float images), ``"y"`` (labels), plus
+objective-specific entries (e.g. ``"x_ood"``)."""
+
+LossFn = Callable[[nn.Module, Mapping[str, Tensor], Batch, Mapping[str, Tensor]], Tensor]
+"""``loss(model, params, batch, ref) -> scalar``.
+
+``model`` is the architecture, already carrying the current parameters (the
+sequential trainer trains it in place; the vectorised executor calls it through
+``torch.func.functional_call``); ``params`` are the trainable tensors by name,
+for terms that need them explicitly (FedProx's proximal term); ``ref`` holds
+constant tensors sent by the server (e.g. the global weights)."""
+
+
+@dataclass
+class Message:
+    """A flat payload: named tensors plus small JSON-able metadata."""
+
+    arrays: dict[str, Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def prefixed(self, prefix: str) -> dict[str, Tensor]:
+        """The arrays under ``prefix + "/"``, with the prefix stripped."""
+        p = prefix + "/"
+        return {k[len(p):]: v for k, v in self.arrays.items() if k.startswith(p)}
+
+
+def with_prefix(prefix: str, arrays: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``{"a": t}`` → ``{"prefix/a": t}``."""
+    return {f"{prefix}/{k}": v for k, v in arrays.items()}
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """A client optimizer, rebuilt fresh each round (its state does not persist across rounds)."""
+
+    name: str = "sgd"  # "sgd" | "adam"
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def build(self, params: list[Tensor]) -> torch.optim.Optimizer:
+        """The torch optimizer for ``params`` (the sequential reference path)."""
+        if self.name == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum,
+                                   weight_decay=self.weight_decay, nesterov=self.nesterov)
+        if self.name == "adam":
+            return torch.optim.Adam(params, lr=self.lr, betas=self.betas, eps=self.eps,
+                                    weight_decay=self.weight_decay)
+        raise ValueError(f"unknown optimizer {self.name!r}")
+
+
+@dataclass
+class LocalTraining:
+    """Declarative local training: enough for any executor to run it, vectorised or not.
+
+    Starting from ``init`` (a full state dict of ``model``: parameters and
+    buffers), minimise ``loss`` over the parameters named in ``trainable`` with
+    ``optimizer`` for ``epochs`` passes (or exactly ``steps`` minibatches when
+    set) of ``batch_size`` over the client's data. Parameters not in
+    ``trainable`` stay frozen; buffers (BN running statistics) update in train
+    mode as usual.
+    """
+
+    model: nn.Module
+    init: dict[str, Tensor]
+    trainable: tuple[str, ...]
+    loss: LossFn
+    optimizer: OptimizerSpec
+    batch_size: int
+    epochs: int = 1
+    steps: int | None = None
+    ref: dict[str, Tensor] = field(default_factory=dict)
+    augment: str = "none"
+    views: int = 1
+    """Augmented views of each ID image in a batch: 2 adds ``batch["x2"]`` (contrastive objectives)."""
+    outliers: Tensor | None = None
+    """The client's share of auxiliary outliers (uint8 images); when set, every batch also holds
+    ``batch["x_ood"]``, as many outliers as ID images, drawn without replacement per pass."""
+
+
+@dataclass
+class ClientContext:
+    """What an executor tells a client about the call: who, when, and its RNG."""
+
+    client_id: int
+    round: int
+    generator: torch.Generator
+    device: torch.device
+
+
+@dataclass
+class TrainResult:
+    """The outcome of running a :class:`LocalTraining` on one client."""
+
+    state: dict[str, Tensor]
+    num_examples: int
+    steps: int
+    mean_loss: float
