@@ -240,6 +240,10 @@ def test_digits_lt_global_head_norms_follow_class_frequency_and_ga_fr_lifts_the_
     Measured on seeds 0/1/2 (1 CPU thread, ~45 s each): Spearman ρ(‖G_c‖, n_c) = 0.93/0.83/0.82;
     tail (class 9) accuracy GA-FR 0.75/0.86/0.69 vs raw G 0.50/0.53/0.17; overall 0.922/0.942/0.914
     vs 0.881/0.864/0.833. The thresholds below leave room for float noise across machines.
+
+    ρ > 0.6 rules out a global head G whose row norms do not grow with class frequency: G trained with
+    class-reweighted CE (ρ = 0.10) or row-normalised on the server after averaging (ρ = 0.41, which the
+    former bar of 0.3 let through). A logit-adjusted G is not ruled out (its bias absorbs the prior).
     """
     import fedtrust
 
@@ -248,7 +252,7 @@ def test_digits_lt_global_head_norms_follow_class_frequency_and_ga_fr_lifts_the_
     part = json.loads((run.run_dir / "partition.json").read_text())
     norms = run.state.arrays["head_g/weight"].norm(dim=1)
     rho = spearmanr(norms.numpy(), part["class_counts"])[0]
-    assert rho > 0.3, rho
+    assert rho > 0.6, rho  # measured 0.93 (seed 0; 0.83/0.82 on seeds 1/2)
     by = run.summary["by_predictor"]
     assert by["global"]["hmt_acc"]["tail"] > by["global_raw"]["hmt_acc"]["tail"]
     assert by["global"]["test_acc"] >= by["global_raw"]["test_acc"]
@@ -256,7 +260,13 @@ def test_digits_lt_global_head_norms_follow_class_frequency_and_ga_fr_lifts_the_
 
 @pytest.mark.slow
 def test_rna_objective_inside_fedloge_trains_the_projection_and_reports_ood(tmp_path):
-    """Long-tailed federated OOD detection by config: FedLoGe's backbone objective swapped for RNA (issue 7)."""
+    """Long-tailed federated OOD detection by config: FedLoGe's backbone objective swapped for RNA (issue 7).
+
+    The RN score must separate ID digits from noise clearly better than chance, which rules out an RNA term
+    that shrinks instead of amplifies the ID representation norm (sign flipped, or never reaching h) and an
+    ``rn`` score that ranks outliers as ID. MSP is not checked: after 2 rounds noise gets confident
+    predictions (AUROC 0.07 on seed 0), which is what RN is there to fix.
+    """
     import fedtrust
 
     run = fedtrust.run("configs/fedloge-digits-lt.yaml", [
@@ -281,5 +291,6 @@ def test_rna_objective_inside_fedloge_trains_the_projection_and_reports_ood(tmp_
     assert not any(k.startswith("head_l/") for k in state)
     for name in ("universal", "global"):
         ood = run.summary["by_predictor"][name]["ood"]["noise/rn"]
-        assert 0.0 <= ood["auroc"] <= 1.0
+        # measured 0.806 for both predictors (seed 0, the one used here; seeds 1/2 give 0.60/0.74)
+        assert ood["auroc"] >= 0.6, (name, ood)
     assert run.summary["by_predictor"]["universal"]["feature_norm"]["id"] > 0

@@ -1,12 +1,14 @@
-"""A real Flower deployment on loopback: SuperLink + two SuperNodes over TLS, FedAvg on digits via `flwr run`.
+"""A real Flower deployment on loopback: SuperLink + SuperNodes over TLS, FedAvg on digits via `flwr run`.
 
-The test makes its own PKI (a CA, the SuperLink's certificate for 127.0.0.1,
-an unrelated CA) and SuperNode keys, starts every Flower process in its own
-process group on free loopback ports, and stops them all (SIGTERM, then
-SIGKILL) in a ``finally``, so nothing outlives it. Two SuperNodes must fail to
-join: one that does not trust the SuperLink's CA (TLS) and one whose key was
-never registered (Flower's SuperNode authentication; Flower's SuperNodes do
-not present client certificates, their credential is this key).
+The tests make their own PKI (a CA, the SuperLink's certificate for 127.0.0.1,
+an unrelated CA) and SuperNode keys, start every Flower process in its own
+process group on free loopback ports, and stop them all (SIGTERM, then
+SIGKILL) when the test ends (the ``tls_link`` fixture), so nothing outlives
+them. Three SuperNodes must fail to join: one that does not trust the
+SuperLink's CA (TLS), one whose key was never registered (Flower's SuperNode
+authentication; Flower's SuperNodes do not present client certificates, their
+credential is this key), and one speaking plaintext. Two registered SuperNodes
+then run FedAvg, whose metrics and weights must equal the sequential executor's.
 """
 
 from __future__ import annotations
@@ -16,15 +18,20 @@ import datetime
 import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 pytest.importorskip("flwr", reason="Flower not installed: pip install 'fedtrust[flower]'")
 
@@ -32,12 +39,16 @@ from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
+import fedtrust  # noqa: E402
 from fedtrust.cli import main  # noqa: E402
+from fedtrust.runner.rundir import read_metrics  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "configs" / "fedavg-digits.yaml"
 ROUNDS = 3
 RUN_TIMEOUT = 420  # s for `flwr run --stream`: three rounds, each node starting a fresh ClientApp process per message
 
@@ -152,7 +163,47 @@ class Cluster:
                     proc.wait(timeout=max(0.1, deadline - time.monotonic()))
 
 
-def test_fedavg_over_tls_on_a_superlink_and_two_supernodes(tmp_path):
+@dataclass
+class Link:
+    """A TLS SuperLink with SuperNode authentication on loopback, and what a test needs to use it.
+
+    ``node_ids`` maps each registered key (``node0``, ``node1``) to the node id
+    the SuperLink created for it; ``flwr`` runs the ``flwr`` CLI against the
+    link (the ``loopback`` connection in ``FLWR_HOME``).
+    """
+
+    pki: Path
+    port: int
+    cluster: Cluster
+    node_ids: dict[str, int]
+    node_ports: list[int]
+
+    def flwr(self, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+        return subprocess.run([flower_bin("flwr"), *args], env=self.cluster.env, cwd=self.cluster.cwd,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def supernode(self, name: str, partition: int, *, ca: str | None = "ca.pem", key: str | None = "node0.key") -> None:
+        """Start a SuperNode; ``ca=None`` starts it in plaintext (``--insecure``), ``key=None`` without a key."""
+        transport = ["--insecure"] if ca is None else ["--root-certificates", str(self.pki / ca)]
+        auth = [] if key is None else ["--auth-supernode-private-key", str(self.pki / key)]
+        self.cluster.start(name, [flower_bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+                                  *transport, *auth, "--node-config", f"partition-id={partition} num-partitions=2",
+                                  "--port", str(self.node_ports.pop()), "--max-retries", "1", "--max-wait-time", "20"])
+
+    def nodes(self) -> dict[int, str]:
+        """``{node id: status}`` of every node the SuperLink knows (``flwr supernode list``)."""
+        listing = self.flwr("supernode", "list", "loopback", "--format", "json")
+        assert listing.returncode == 0, listing.stdout + listing.stderr
+        return {int(n["node-id"]): n["status"] for n in json.loads(listing.stdout)["nodes"]}
+
+
+@pytest.fixture
+def tls_link(tmp_path: Path) -> Iterator[Link]:
+    """A started TLS SuperLink (``--enable-supernode-auth``) with the keys node0 and node1 registered.
+
+    Every Flower process a test starts through it is stopped (SIGTERM, then
+    SIGKILL, by process group) when the test ends, passed or not.
+    """
     pki = tmp_path / "pki"
     make_pki(pki)
     link_port, *node_ports = free_ports(5)
@@ -162,52 +213,112 @@ def test_fedavg_over_tls_on_a_superlink_and_two_supernodes(tmp_path):
     (tmp_path / "flwr-home" / "config.toml").write_text(
         f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link_port}"\n'
         f'root-certificates = "{pki / "ca.pem"}"\n')
-    app, run_dir = tmp_path / "app", tmp_path / "run"
-    assert main(["flower-app", str(REPO / "configs" / "fedavg-digits.yaml"), str(app), f"rounds={ROUNDS}",
-                 "data.num_clients=2", "data.clients_per_round=2", "eval.every=1", f"out={run_dir}"]) == 0
-
     cluster = Cluster(tmp_path / "logs", env, tmp_path)
+    link = Link(pki, link_port, cluster, {}, node_ports)
     try:
         cluster.start("superlink", [flower_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(link_port),
                                     "--ssl-ca-certfile", str(pki / "ca.pem"), "--ssl-certfile", str(pki / "server.pem"),
                                     "--ssl-keyfile", str(pki / "server.key"), "--enable-supernode-auth",
                                     "--disable-runtime-dependency-installation"])
         wait_for_port(link_port, timeout=90)
-        for k in (0, 1):
-            reg = subprocess.run([flower_bin("flwr"), "supernode", "register", str(pki / f"node{k}.pub"), "loopback"],
-                                 env=env, cwd=tmp_path, capture_output=True, text=True, timeout=90)
-            assert reg.returncode == 0, reg.stdout + reg.stderr
-
-        def supernode(name: str, port: int, ca: str, key: str, partition: int) -> None:
-            cluster.start(name, [flower_bin("flower-supernode"), "--superlink", f"127.0.0.1:{link_port}",
-                                 "--root-certificates", str(pki / ca), "--auth-supernode-private-key", str(pki / key),
-                                 "--node-config", f"partition-id={partition} num-partitions=2",
-                                 "--port", str(port), "--max-retries", "1", "--max-wait-time", "20"])
-
-        supernode("supernode0", node_ports[0], "ca.pem", "node0.key", 0)
-        supernode("supernode1", node_ports[1], "ca.pem", "node1.key", 1)
-        supernode("wrong-ca", node_ports[2], "other-ca.pem", "node0.key", 0)  # the right key, an untrusted server
-        supernode("rogue", node_ports[3], "ca.pem", "rogue.key", 0)  # TLS fine, key never registered
-
-        assert cluster.wait("wrong-ca", timeout=90) != 0
-        assert "CERTIFICATE_VERIFY_FAILED" in cluster.log("wrong-ca")
-        assert cluster.wait("rogue", timeout=90) != 0
-        assert "Failed to activate SuperNode" in cluster.log("rogue")
-
-        run = subprocess.run([flower_bin("flwr"), "run", str(app), "loopback", "--stream", "--run-config",
-                              "flower.join-timeout=120 flower.round-timeout=240"],
-                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=RUN_TIMEOUT)
-        assert (run_dir / "summary.json").is_file(), (
-            f"no summary: flwr run said\n{run.stdout[-3000:]}{run.stderr[-2000:]}\n"
-            f"superlink log:\n{cluster.log('superlink')[-3000:]}")
-        summary = json.loads((run_dir / "summary.json").read_text())
-        assert (summary["executor"], summary["rounds"]) == ("flower", ROUNDS)
-        assert summary["test_acc"] > 0.5, summary
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        assert [(r["round"], r["clients"]) for r in records] == [(r, 2) for r in range(1, ROUNDS + 1)]
-        assert f"test_acc {summary['test_acc']:.4f}" in run.stdout  # the ServerApp's log reached `flwr run`
-        for name in ("supernode0", "supernode1"):
-            assert cluster.procs[name].poll() is None, cluster.log(name)[-2000:]
+        for key in ("node0", "node1"):
+            reg = link.flwr("supernode", "register", str(pki / f"{key}.pub"), "loopback")
+            created = re.search(r"SuperNode (\d+) registered", reg.stdout)
+            assert reg.returncode == 0 and created, reg.stdout + reg.stderr
+            link.node_ids[key] = int(created.group(1))
+        yield link
     finally:
         cluster.stop()
     assert all(proc.poll() is not None for proc in cluster.procs.values())
+
+
+def test_only_supernodes_over_tls_with_a_registered_key_join(tls_link):
+    """A SuperNode joins the TLS SuperLink only over TLS, trusting its CA, with a registered key.
+
+    Rules out a SuperLink that accepts plaintext connections (a SuperNode
+    started with ``--insecure`` would come online as a new node), one whose
+    certificate a SuperNode trusting another CA accepts, and one that lets an
+    unregistered key in. The plaintext SuperNode has no key: Flower's SuperNode
+    itself refuses a key without TLS (exit code 303) before it contacts
+    anything, which would prove nothing about the SuperLink. The observable is
+    the SuperLink's own node list: after the three have given up, the only
+    nodes it knows are the two registered ones, and only node0 (started with
+    everything right, so the link does admit nodes) is online.
+    """
+    link = tls_link
+    link.supernode("supernode0", 0)
+    link.supernode("wrong-ca", 0, ca="other-ca.pem")  # the right key, an untrusted server
+    link.supernode("rogue", 0, key="rogue.key")  # TLS fine, key never registered
+    link.supernode("plaintext", 1, ca=None, key=None)  # no TLS at all
+
+    assert link.cluster.wait("wrong-ca", timeout=90) != 0
+    assert "CERTIFICATE_VERIFY_FAILED" in link.cluster.log("wrong-ca")
+    assert link.cluster.wait("rogue", timeout=90) != 0
+    assert "Failed to activate SuperNode" in link.cluster.log("rogue")
+    assert link.cluster.wait("plaintext", timeout=90) != 0, link.cluster.log("plaintext")[-2000:]
+    assert "Failed to initialize the connection to the SuperLink" in link.cluster.log("plaintext")
+
+    deadline = time.monotonic() + 60
+    while (nodes := link.nodes())[link.node_ids["node0"]] != "online" and time.monotonic() < deadline:
+        time.sleep(1)
+    assert nodes == {link.node_ids["node0"]: "online", link.node_ids["node1"]: "registered"}, (
+        f"{nodes}\nsuperlink log:\n{link.cluster.log('superlink')[-3000:]}")
+    assert link.cluster.procs["supernode0"].poll() is None, link.cluster.log("supernode0")[-2000:]
+
+
+def _flat(x: Any, path: str = "") -> dict[str, Any]:
+    """A nested metrics record as ``{"group_acc.many": 0.9, "client_acc[1]": 0.4, ...}``."""
+    if isinstance(x, dict):
+        return {k: v for key, item in x.items() for k, v in _flat(item, f"{path}.{key}" if path else key).items()}
+    if isinstance(x, list):
+        return {k: v for i, item in enumerate(x) for k, v in _flat(item, f"{path}[{i}]").items()}
+    return {path: x}
+
+
+def test_fedavg_over_tls_on_a_superlink_and_two_supernodes(tls_link, tmp_path, one_thread):
+    """`flwr run` on the SuperLink and two SuperNodes gives the sequential executor's run, metric for metric.
+
+    Every metric of every round (train loss, test accuracy and loss, class,
+    group and per-client accuracies, ECE) and the final weights equal an
+    in-process ``executor=sequential`` run of the same config and seed. Rules
+    out a ServerApp that aggregates differently from the in-process executors
+    (other weights, a reply dropped), a ClientApp that trains with another
+    random stream than the sequential executor's, and weights that lose
+    precision on the wire (float16 would), none of which a check of "three
+    rounds ran and test accuracy is above 0.5" sees.
+
+    Tolerances are those of the simulation parity tests: every process runs
+    one torch thread and aggregates in client-id order in float64, so the two
+    runs agree to the bit here; rel 1e-5 / abs 1e-6 only absorbs another BLAS.
+    """
+    link = tls_link
+    overrides = [f"rounds={ROUNDS}", "data.num_clients=2", "data.clients_per_round=2", "eval.every=1"]
+    app, run_dir = tmp_path / "app", tmp_path / "run"
+    assert main(["flower-app", str(CONFIG), str(app), *overrides, f"out={run_dir}"]) == 0
+    link.supernode("supernode0", 0, key="node0.key")
+    link.supernode("supernode1", 1, key="node1.key")
+
+    run = link.flwr("run", str(app), "loopback", "--stream", "--run-config",
+                    "flower.join-timeout=120 flower.round-timeout=240", timeout=RUN_TIMEOUT)
+    assert (run_dir / "summary.json").is_file(), (
+        f"no summary: flwr run said\n{run.stdout[-3000:]}{run.stderr[-2000:]}\n"
+        f"superlink log:\n{link.cluster.log('superlink')[-3000:]}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["executor"], summary["rounds"]) == ("flower", ROUNDS)
+    assert f"test_acc {summary['test_acc']:.4f}" in run.stdout  # the ServerApp's log reached `flwr run`
+    for name in ("supernode0", "supernode1"):
+        assert link.cluster.procs[name].poll() is None, link.cluster.log(name)[-2000:]
+
+    seq = fedtrust.run(str(CONFIG), [*overrides, "executor=sequential", f"out={tmp_path / 'seq'}"],
+                       progress=False, report=False)
+    deployed, expected = read_metrics(run_dir), read_metrics(tmp_path / "seq")
+    assert [(r["round"], r["clients"]) for r in deployed] == [(r, 2) for r in range(1, ROUNDS + 1)]
+    assert expected[-1]["test_acc"] > 0.5  # three rounds on 8x8 digits: the reference itself learned
+    for d, e in zip(deployed, expected, strict=True):
+        d, e = (_flat({k: v for k, v in r.items() if k != "time_s"}) for r in (d, e))
+        assert d == pytest.approx(e, rel=1e-5, abs=1e-6), f"round {e['round']}"
+    weights = {k[len("server/"):]: v for k, v in load_file(run_dir / "checkpoint.safetensors").items()
+               if k.startswith("server/")}
+    assert weights.keys() == seq.state.arrays.keys()
+    for k, v in seq.state.arrays.items():
+        torch.testing.assert_close(weights[k], v, rtol=1e-5, atol=1e-6, msg=k)
