@@ -23,7 +23,7 @@ def run_round(fed, state, clients):
     for c in clients:
         ctx = ClientContext(c, 1, torch.Generator().manual_seed(c), fed.device)
         replies[c], _ = algo.client_update(messages[c], fed.data.client(c), ClientStore().get(c), ctx)
-    return replies, algo.aggregate(state, replies, 1)
+    return replies, algo.aggregate(state, replies, 1)[0]
 
 
 def test_fedavg_is_the_sample_weighted_mean_of_client_models_bn_included():

@@ -98,7 +98,7 @@ def test_one_optimizer_on_the_summed_loss_equals_the_reference_three_optimizers(
     torch.manual_seed(0)
     state = algo.init()
     msg = algo.configure(state, 1, [0])[0]
-    plan = algo.local_training(msg, Message())
+    plan = algo.local_training(msg, Message(), ctx_of(fed, 0))
     assert not any(n.startswith("sse_c.") for n in plan.trainable)
     ours = train_locally(plan, fed.data.client(0), ctx_of(fed, 0), algo.ctx.normalize).state
 
@@ -155,7 +155,7 @@ def test_aggregate_is_the_sample_weighted_mean_of_backbone_and_global_head():
     state = algo.init()
     msgs = algo.configure(state, 1, [0, 1])
     replies = {c: algo.client_update(msgs[c], fed.data.client(c), Message(), ctx_of(fed, c))[0] for c in (0, 1)}
-    new = algo.aggregate(state, replies, 1)
+    new, _ = algo.aggregate(state, replies, 1)
     n = {c: len(fed.data.indices[c]) for c in replies}
     for key in ("head_g/weight", "backbone/body.0.0.weight"):
         expect = sum(n[c] * replies[c].arrays[key] for c in replies) / sum(n.values())
@@ -184,7 +184,7 @@ def test_other_objectives_train_the_backbone_through_sse_c():
     other = FedLoGe(algo.params, dataclasses.replace(algo.ctx, objective=Scaled(CrossEntropy.Params(), 10, None)))
     torch.manual_seed(0)
     state = algo.init()
-    plan = algo.local_training(algo.configure(state, 1, [0])[0], Message())
+    plan = algo.local_training(algo.configure(state, 1, [0])[0], Message(), ctx_of(fed, 0))
     net = plan.model
     net.load_state_dict(plan.init)
     net.eval()
@@ -198,11 +198,11 @@ def test_mask_option_records_label_counts_and_masks_absent_classes():
     torch.manual_seed(0)
     state = algo.init()
     msg = algo.configure(state, 1, [0])[0]
-    assert algo.local_training(msg, Message()) is None  # first visit: general path records the counts
+    assert algo.local_training(msg, Message(), ctx_of(fed, 0)) is None  # first visit: general path records the counts
     _, own = algo.client_update(msg, fed.data.client(0), Message(), ctx_of(fed, 0))
     counts = fed.data.client(0).class_counts().float()
     assert torch.equal(own.arrays["label_counts"], counts)
-    assert algo.local_training(msg, own) is not None
+    assert algo.local_training(msg, own, ctx_of(fed, 0)) is not None
     absent = counts < 2
     assert absent.any(), "the test needs a client lacking some class"
     logits = algo.predictors(state, own)["personalized"].eval()(algo.ctx.normalize(fed.data.train.x[:4]))
@@ -279,7 +279,7 @@ def test_rna_objective_inside_fedloge_trains_the_projection_and_reports_ood(tmp_
     fed = federation("objective.name=rna", "data.outliers=photos", "model.bn_affine=false")
     algo = fed.algorithm
     torch.manual_seed(0)
-    plan = algo.local_training(algo.configure(algo.init(), 1, [0])[0], Message())
+    plan = algo.local_training(algo.configure(algo.init(), 1, [0])[0], Message(), ctx_of(fed, 0))
     assert any(n.startswith("backbone.projection.") for n in plan.trainable)
     net = plan.model
     net.load_state_dict(plan.init)

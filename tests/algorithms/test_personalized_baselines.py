@@ -131,14 +131,14 @@ def test_fedrep_trains_the_head_first_then_the_body():
     torch.manual_seed(0)
     state = algo.init()
     msg = algo.configure(state, 1, [0])[0]
-    assert algo.local_training(msg, Message()) is None  # two phases: the general path
+    assert algo.local_training(msg, Message(), ctx_of(fed, 0)) is None  # two phases: the general path
     data = fed.data.client(0)
     reply, own = algo.client_update(msg, data, Message(), ctx_of(fed, 0))
     n = len(fed.data.indices[0])
     assert reply.meta["steps"] == 2 * math.ceil(n / 16) + 3  # two head epochs, then train.steps=3 body steps
     assert "model/head.weight" not in reply.arrays
 
-    plan = algo.plan(msg, Message())
+    plan = algo.plan(msg, Message(), ctx_of(fed, 0))
     head_names = tuple(k for k in plan.trainable if k.startswith("head."))
     body_names = tuple(k for k in plan.trainable if not k.startswith("head."))
     assert head_names == ("head.weight", "head.bias") and body_names
@@ -206,7 +206,7 @@ def test_fedavg_ft_stores_the_fine_tuned_scope(scope, keys):
     model.train()
     tuned = [p for n, p in model.named_parameters() if scope == "full" or n.startswith("head.")]
     opt = torch.optim.SGD(tuned, lr=0.03, momentum=0.9)
-    sched = dataclasses.replace(plain.algorithm.local_training(msg, Message()), steps=6)
+    sched = dataclasses.replace(plain.algorithm.local_training(msg, Message(), ctx_of(plain, 0)), steps=6)
     for idx in client_schedule(sched, len(data), ctx.generator).batches:
         opt.zero_grad()
         F.cross_entropy(model(algo.ctx.normalize(data.x[idx])), data.y[idx]).backward()
@@ -271,11 +271,11 @@ def test_fedrod_first_visit_records_the_prior_then_trains_declaratively():
     torch.manual_seed(0)
     state = algo.init()
     msg = algo.configure(state, 1, [0])[0]
-    assert algo.local_training(msg, Message()) is None
+    assert algo.local_training(msg, Message(), ctx_of(fed, 0)) is None
     reply, own = algo.client_update(msg, fed.data.client(0), Message(), ctx_of(fed, 0))
     assert torch.equal(own.arrays["label_counts"], fed.data.client(0).class_counts().float())
     assert set(own.arrays) == {"label_counts", "p_head/weight", "p_head/bias"}
-    assert algo.local_training(msg, own) is not None
+    assert algo.local_training(msg, own, ctx_of(fed, 0)) is not None
     never = algo.predictors(state, Message())  # p = 0: personalized == generic
     x = algo.ctx.normalize(fed.data.train.x[:4])
     assert torch.allclose(never["personalized"].eval()(x), never["global"].eval()(x))
@@ -342,7 +342,7 @@ def test_fedrod_loss_by_hand_balanced_generic_head_plus_personal_head_on_stopped
     torch.manual_seed(0)
     msg = algo.configure(algo.init(), 1, [0])[0]
     client_counts = fed.data.client(0).class_counts().float()
-    plan = algo.local_training(msg, Message(arrays={"label_counts": client_counts}))
+    plan = algo.local_training(msg, Message(arrays={"label_counts": client_counts}), ctx_of(fed, 0))
     assert torch.equal(plan.ref["log_prior"], torch.log(client_counts.clamp_min(1e-12)))
     gen = torch.Generator().manual_seed(1)
     big = RoDNet(Linear(4, 10))
@@ -389,7 +389,7 @@ def test_fedetf_loss_by_hand_is_balanced_ce_on_beta_times_normalized_projection_
     torch.manual_seed(0)
     msg = algo.configure(algo.init(), 1, [0])[0]
     client_counts = fed.data.client(0).class_counts().float()
-    plan = algo.plan(msg, Message(arrays={"label_counts": client_counts}))
+    plan = algo.plan(msg, Message(arrays={"label_counts": client_counts}), ctx_of(fed, 0))
     assert "etf" not in plan.trainable and "beta" in plan.trainable and "proj.weight" in plan.trainable
     assert torch.equal(plan.ref["log_prior"], torch.log(client_counts.clamp_min(1e-12)))
     gen = torch.Generator().manual_seed(2)
@@ -414,7 +414,7 @@ def test_fedbabu_trains_only_the_body_with_plain_ce_and_the_head_stays_at_its_in
     algo = fed.algorithm
     torch.manual_seed(0)
     msg = algo.configure(algo.init(), 1, [0])[0]
-    plan = algo.plan(msg, Message())
+    plan = algo.plan(msg, Message(), ctx_of(fed, 0))
     names = [n for n, _ in plan.model.named_parameters()]
     assert set(plan.trainable) == {n for n in names if not n.startswith("head.")}
     model = copy.deepcopy(plan.model)
@@ -459,9 +459,9 @@ def test_personal_state_never_leaves_the_client_by_value(name):
         replies.extend(v for m in r.values() for v in m.arrays.values())
         personal.extend(t.clone() for c in store.states.values() for t in personal_tensors(c))
         server.extend(s.arrays.values())
-        new = aggregate(s, r, rnd)
+        new, metrics = aggregate(s, r, rnd)
         server.extend(new.arrays.values())
-        return new
+        return new, metrics
 
     algo.aggregate = spy
     SequentialExecutor(algo, fed.data, 0, fed.device, 3).run(state, store, 0, 3)
