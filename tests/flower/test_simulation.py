@@ -162,3 +162,35 @@ def test_fedloge_metrics_equal_on_sequential_vectorized_and_flower(tmp_path, one
         torch.set_default_dtype(old)
     assert_close(seq64, vec64, rel=1e-7, abs=1e-9)
     assert seq64[-1]["test_loss"] != seq[-1]["test_loss"], "float64 is a different run: did the dtype switch?"
+
+
+def test_attack_and_defense_equal_on_sequential_vectorized_and_flower(tmp_path, one_thread, shared_ray):
+    """One attack (a Gaussian update of infinite variance from client 1, i.e. Inf/NaN) and one defense
+    (coordinate-wise median) give the same metrics on every executor: the attack wraps the client runtime
+    on the Flower nodes too, the bad reply is rejected with its reason (never aggregated, the run goes
+    on), and the median's per-client weights match. Rules out an attack or validation that exists on one
+    executor only, and a Flower node that bypasses the client runtime."""
+    args = ARGS + ["attack.name=gaussian", "attack.ids=[1]", "attack.std=.inf", "defense.aggregator=median",
+                   "data.clients_per_round=4", "eval.personalized=false"]
+
+    def run(executor: str, name: str) -> list[dict]:
+        fedtrust.run(None, args + [f"executor={executor}", f"out={tmp_path / name}"], progress=False, report=False)
+        return metrics(tmp_path / name)
+
+    seq, flw = run("sequential", "seq"), run("flower", "flower")
+    assert [r["round"] for r in flw] == [1, 2, 3]
+    attacked = [r for r in seq if "rejected" in r]
+    assert attacked, "client 1 was never sampled: the test would not test the attack"
+    for r in attacked:
+        assert r["rejected"] == {"1": "key 'model/body.0.0.weight' holds NaN or Inf"}
+        assert "1" not in r["aggregator/model"]["weights"]
+    assert_close(seq, flw, rel=1e-5, abs=1e-6)
+    assert seq[-1]["test_acc"] > 0.3
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        seq64, vec64 = run("sequential", "seq64"), run("vectorized", "vec64")
+    finally:
+        torch.set_default_dtype(old)
+    assert_close(seq64, vec64, rel=1e-7, abs=1e-9)

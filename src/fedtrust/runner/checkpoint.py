@@ -10,6 +10,7 @@ leaves either the old or the new checkpoint, never a torn one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from fedtrust.errors import CheckpointError
 from fedtrust.fl.executor import ClientStore
@@ -73,25 +74,42 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
     path = run_dir / CHECKPOINT_NAME
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {str(path)!r}; the run has not finished a round yet, start it anew")
+    return read_checkpoint(path)
+
+
+def read_checkpoint(path: Path, *, clients: bool = True, rng: bool = True) -> Checkpoint:
+    """Read the checkpoint file ``path``; an unreadable file is a one-line CheckpointError.
+
+    ``clients=False`` skips the client store (left empty) and ``rng=False`` leaves the torch RNG
+    alone: what ``init_from`` needs, the server state of another run without its side effects.
+    """
     try:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as fh:
-            header = fh.metadata() or {}
-        tensors = load_file(str(path))
-        meta = json.loads(header["fedtrust"])
+            meta = json.loads((fh.metadata() or {})["fedtrust"])
+            tensors = {k: fh.get_tensor(k) for k in fh.keys() if clients or not k.startswith("client/")}
     except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
         raise CheckpointError(f"checkpoint {str(path)!r} is unreadable ({type(e).__name__}); expected a fedtrust safetensors checkpoint") from None
     server = {k[len("server/"):]: v for k, v in tensors.items() if k.startswith("server/")}
     states: dict[int, Message] = {}
-    for cid in meta["client_ids"]:
+    for cid in meta["client_ids"] if clients else ():
         p = f"client/{cid}/"
         arrays = {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
         states[int(cid)] = Message(arrays, meta["client_meta"].get(str(cid), {}))
-    if "rng/torch" in tensors:
+    if rng and "rng/torch" in tensors:
         torch.set_rng_state(tensors["rng/torch"])
     return Checkpoint(meta["round"], Message(server, meta["server_meta"]), ClientStore(states),
                       meta["config"], meta.get("extra", {}))
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def config_mismatch(saved: dict[str, Any], current: dict[str, Any], ignore: tuple[str, ...] = ("out",)) -> list[str]:

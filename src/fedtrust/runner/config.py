@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -213,6 +213,14 @@ class DefenseConfig(BaseModel):
         return self
 
 
+class InitFrom(Section):
+    """Where a run's initial server weights come from (``init_from``); see ``fedtrust.runner.run``."""
+
+    path: str = Field(min_length=1, description="run directory or checkpoint file; resolved to the checkpoint file")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$",
+                               description="SHA-256 of the checkpoint file; null: recorded when the run starts")
+
+
 class RunConfig(Section):
     seed: int = Field(0, ge=0, description="seed of everything: init, partition, sampling, batches")
     rounds: int = Field(30, ge=1, description="communication rounds")
@@ -220,6 +228,8 @@ class RunConfig(Section):
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:N, or auto")
     out: str | None = Field(None, description="run directory; null: a new folder under runs/")
     checkpoint_every: int = Field(1, ge=0, description="checkpoint every N rounds (0: only at the end)")
+    init_from: InitFrom | None = Field(None, description="start from another run's final server weights: its run "
+                                                         "directory or checkpoint file (resolved: {path, sha256})")
     data: DataConfig = Field(default_factory=DataConfig, description="data set, long tail and partition")
     model: ModelConfig = Field(default_factory=ModelConfig, description="architecture")
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig, description="federated algorithm")
@@ -241,6 +251,15 @@ class RunConfig(Section):
                               f"(e.g. photos, openclipart; `fedtrust list outliers`)")
         check_disjoint([self.data.outliers] if self.data.outliers else [], self.eval.ood, self.data.dataset)
         return self
+
+    @field_validator("init_from", mode="before")
+    @classmethod
+    def _init_from(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return {"path": v}
+        if v is not None and not isinstance(v, (dict, InitFrom)):
+            raise ValueError("expected a run directory or checkpoint file path (or {path, sha256})")
+        return v
 
     @field_validator("executor")
     @classmethod
@@ -299,7 +318,7 @@ def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
         field = getattr(current, "model_fields", {}).get(part)
         if field is None:
             break
-        current = field.annotation
+        current = next((a for a in get_args(field.annotation) if hasattr(a, "model_fields")), field.annotation)
     return list(getattr(current, "model_fields", {}))
 
 
