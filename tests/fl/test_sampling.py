@@ -49,3 +49,41 @@ def test_lr_schedules():
     assert abs(lr_at(6, 10, 0.1, "cosine", lr_min=0.0) - 0.05) < 1e-12  # halfway
     assert abs(lr_at(21, 30, 1.0, "step", step_rounds=10, gamma=0.5) - 0.25) < 1e-12
     assert abs(lr_at(3, 30, 1.0, "exponential", gamma=0.9) - 0.81) < 1e-12
+
+
+def test_force_clients_puts_every_forced_client_in_and_keeps_the_round_size():
+    """Rules out forcing by appending (a bigger round), dropping forced clients the sampler also drew, or
+    an unseeded choice of whom they replace."""
+    from fedtrust.fl.sampling import force_clients
+
+    sampled = [1, 4, 6, 8, 9]
+    out = force_clients(sampled, {2, 6}, seed=0, round=3)
+    assert len(out) == 5 and {2, 6} <= set(out) and set(out) - {2} <= set(sampled) and out == sorted(out)
+    assert force_clients(sampled, {2, 6}, seed=0, round=3) == out
+    assert len({tuple(force_clients(sampled, {2, 6}, seed=0, round=r)) for r in range(20)}) > 1
+    many = force_clients([0, 1], {5, 6, 7}, seed=0, round=1)  # more forced than the round holds
+    assert len(many) == 2 and set(many) <= {5, 6, 7}
+
+
+def test_the_uniform_sampler_is_registered_and_is_todays_sampling():
+    """Rules out a default sampler other than the one runs used before (bit-identical runs)."""
+    from fedtrust.registry import get
+
+    assert get("sampler", "uniform") is sample_clients
+
+
+def test_attack_force_puts_the_attackers_into_their_attack_rounds_only(tmp_path):
+    """Rules out forcing attackers into every round (outside their rounds the sampler is untouched) or not
+    forcing them at all."""
+    from fedtrust.runner.config import build_config
+    from fedtrust.runner.federation import build_federation
+
+    args = ["data.num_clients=20", "data.clients_per_round=4", "attack.name=sign_flip", "attack.ids=[3, 11]",
+            "attack.rounds=[2, 5]"]
+    forced = build_federation(build_config({}, args + ["attack.force=true"])).executor
+    plain = build_federation(build_config({}, args)).executor
+    for r in range(1, 8):
+        if r in (2, 5):
+            assert {3, 11} <= set(forced.sample(r)) and len(forced.sample(r)) == 4
+        else:
+            assert forced.sample(r) == plain.sample(r) == sample_clients(20, 4, 0, r)

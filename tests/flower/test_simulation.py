@@ -165,12 +165,12 @@ def test_fedloge_metrics_equal_on_sequential_vectorized_and_flower(tmp_path, one
 
 
 def test_attack_and_defense_equal_on_sequential_vectorized_and_flower(tmp_path, one_thread, shared_ray):
-    """One attack (a Gaussian update of infinite variance from client 1, i.e. Inf/NaN) and one defense
+    """One attack (a Gaussian update with σ = 1e39 from client 1: it overflows float32 to ±Inf) and one defense
     (coordinate-wise median) give the same metrics on every executor: the attack wraps the client runtime
     on the Flower nodes too, the bad reply is rejected with its reason (never aggregated, the run goes
     on), and the median's per-client weights match. Rules out an attack or validation that exists on one
     executor only, and a Flower node that bypasses the client runtime."""
-    args = ARGS + ["attack.name=gaussian", "attack.ids=[1]", "attack.std=.inf", "defense.aggregator=median",
+    args = ARGS + ["attack.name=gaussian", "attack.ids=[1]", "attack.std=1e39", "defense.aggregator=median",
                    "data.clients_per_round=4", "eval.personalized=false"]
 
     def run(executor: str, name: str) -> list[dict]:

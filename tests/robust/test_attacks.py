@@ -120,7 +120,8 @@ def test_attack_config_errors_are_one_line():
                           (["attack.name=sign_flip", "attack.fraction=0.1", "attack.scal=2"], "attack.scal"),
                           (["attack.name=sign_flip", "attack.fraction=1.5"], "attack.fraction"),
                           (["attack.name=sign_flip", "attack.ids=[0]", "attack.from=5", "attack.to=2"], "attack.to"),
-                          (["attack.scale=2"], "attack.scale")):
+                          (["attack.scale=2"], "attack.scale"),
+                          (["attack.name=gaussian", "attack.ids=[0]", "attack.std=.inf"], "inf is not allowed")):
         with pytest.raises(ConfigError) as err:
             build_config({}, bad)
         assert fragment in str(err.value) and "\n" not in str(err.value)

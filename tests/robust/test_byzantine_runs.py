@@ -47,7 +47,7 @@ def run(tmp_path, name: str, *args: str):
 @pytest.mark.slow
 @pytest.mark.parametrize("executor", ["sequential", "vectorized"])
 @pytest.mark.parametrize("attack, reason", [
-    (["attack.name=gaussian", "attack.std=.inf"], "holds NaN or Inf"),
+    (["attack.name=gaussian", "attack.std=1e39"], "holds NaN or Inf"),
     (["attack.name=test_wrong_shape"], "has shape"),
 ])
 def test_malformed_replies_are_rejected_with_their_reason_and_the_run_finishes(tmp_path, executor, attack, reason):
@@ -65,7 +65,7 @@ def test_malformed_replies_are_rejected_with_their_reason_and_the_run_finishes(t
 def test_a_round_with_too_few_valid_replies_keeps_the_previous_state(tmp_path):
     """Rules out aggregating what is left however little it is (here: nothing), or crashing; the round is
     logged as skipped and the server state stays the initial one."""
-    result, records = run(tmp_path, "run", "attack.name=gaussian", "attack.fraction=1.0", "attack.std=.inf",
+    result, records = run(tmp_path, "run", "attack.name=gaussian", "attack.fraction=1.0", "attack.std=1e39",
                           "defense.min_replies=2")
     assert [r["round"] for r in records] == [1, 2, 3]
     assert all("defense.min_replies=2: kept the previous server state" in r["skipped"] for r in records)
@@ -102,3 +102,28 @@ def test_defense_config_errors_are_one_line():
         assert fragment in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="bn_aggregation=pooled .* cannot combine"):
         build_federation(build_config({}, ["defense.aggregator=median", "algorithm.bn_aggregation=pooled"]))
+
+
+@pytest.mark.slow
+def test_sign_flipping_collapses_the_mean_but_not_median_trimmed_mean_or_krum(tmp_path):
+    """20 % sign-flipping clients (scale 10) on iid digits, 20 rounds, fixed seed. Measured (seed 0):
+    attack-free mean 0.939; attacked mean 0.097, median 0.897, trimmed mean (β = 0.3) 0.844, Krum
+    (f = 30 %) 0.908. Tolerance: the mean below 0.3 (collapsed), each defense within 0.15 of the
+    attack-free accuracy. Rules out a defense that is not applied (it would collapse like the mean), an
+    attack that does nothing (the mean would not collapse) and an aggregator working on the weights
+    instead of the updates (Krum picking one client's model from a collapsed average)."""
+    base = ["rounds=20", "eval.every=20", "data.partition=iid", "data.num_clients=20", "data.clients_per_round=10",
+            "train.steps=null", "eval.personalized=false"]
+    attack = ["attack.name=sign_flip", "attack.fraction=0.2", "attack.scale=10"]
+
+    def acc(name: str, *args: str) -> float:
+        return fedtrust.run(None, [*base, *args, f"out={tmp_path / name}"], progress=False, report=False
+                            ).summary["test_acc"]
+
+    clean = acc("clean")
+    assert clean > 0.9
+    assert acc("mean", *attack) < 0.3
+    for name, defense in (("median", ["defense.aggregator=median"]),
+                          ("trimmed", ["defense.aggregator=trimmed_mean", "defense.beta=0.3"]),
+                          ("krum", ["defense.aggregator=krum", "defense.num_byzantine=0.3"])):
+        assert acc(name, *attack, *defense) > clean - 0.15, name

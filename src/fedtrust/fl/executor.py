@@ -24,7 +24,7 @@ import torch
 from fedtrust.data.types import ImageSet
 from fedtrust.fl.protocol import Algorithm, ClientContext, Message
 from fedtrust.fl.runtime import ClientRuntime
-from fedtrust.fl.sampling import client_generator, sample_clients
+from fedtrust.fl.sampling import Sampler, client_generator, force_clients, sample_clients
 from fedtrust.fl.validate import validate_replies
 from fedtrust.registry import register
 from fedtrust.robust.attacks import Attack
@@ -97,8 +97,11 @@ class Executor:
     name = "base"
 
     def __init__(self, algorithm: Algorithm, data: ClientData, seed: int, device: torch.device,
-                 num_sampled: int, log: Callable[[str], None] | None = None, attack: Attack | None = None) -> None:
+                 num_sampled: int, log: Callable[[str], None] | None = None, attack: Attack | None = None,
+                 sampler: Sampler = sample_clients) -> None:
         self.algorithm = algorithm
+        self.sampler = sampler
+        self.attack = attack
         self.runtime = ClientRuntime(algorithm, attack)
         self.data = data
         self.seed = seed
@@ -108,6 +111,15 @@ class Executor:
 
     def execute(self, messages: dict[int, Message], round: int, store: ClientStore) -> dict[int, Message]:
         raise NotImplementedError
+
+    def sample(self, round: int) -> list[int]:
+        """The round's clients: the configured sampler's draw, with an attack's clients forced into
+        their attack rounds when the attack says so (``attack.force``)."""
+        clients = self.sampler(len(self.data), self.num_sampled, self.seed, round)
+        if self.attack is not None and self.attack.targets.force:
+            forced = [c for c in sorted(self.attack.targets.clients) if self.attack.attacks(c, round)]
+            clients = force_clients(clients, forced, self.seed, round) if forced else clients
+        return clients
 
     def aggregate(self, state: Message, replies: dict[int, Message], round: int) -> tuple[Message, dict[str, Any]]:
         """Validate the replies, then aggregate the valid ones (or keep ``state`` when too few are left)."""
@@ -135,7 +147,7 @@ class Executor:
         for cb in callbacks:
             cb.on_begin(start_round, rounds)
         for r in range(start_round + 1, rounds + 1):
-            clients = sample_clients(len(self.data), self.num_sampled, self.seed, r)
+            clients = self.sample(r)
             messages = self.algorithm.configure(state, r, clients)
             replies = self.runtime.collude(state, messages, self.execute(messages, r, store), r)
             state, metrics = self.aggregate(state, replies, r)

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from fedtrust.data.types import ImageSet
-from fedtrust.fl.local import train_locally
+from fedtrust.fl import local
 from fedtrust.fl.types import (  # noqa: F401  (re-exported: the protocol's vocabulary)
     Batch, ClientContext, LocalTraining, LossFn, Message, OptimizerSpec, TrainResult, with_prefix,
 )
@@ -97,6 +97,6 @@ class Algorithm:
         plan = self.local_training(message, client_state, ctx)
         if plan is None:
             raise NotImplementedError(f"algorithm {self.name!r} defines neither local_training nor client_update")
-        result = train_locally(plan, data, ctx, self.ctx.normalize)
+        result = local.train_locally(plan, data, ctx, self.ctx.normalize)
         return self.finish(message, result, client_state, ctx)
 

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Collection
 
 import numpy as np
 import torch
 
+from fedtrust.registry import register
+
 _SAMPLE_STREAM = 1
 _CLIENT_STREAM = 2
+_FORCE_STREAM = 3
+
+Sampler = Callable[[int, int, int, int], list[int]]
+"""``sampler(num_clients, k, seed, round) -> sorted client ids`` (registry kind ``sampler``, ``data.sampler``)."""
 
 
 def clients_per_round(spec: int | float, num_clients: int) -> int:
@@ -18,10 +25,27 @@ def clients_per_round(spec: int | float, num_clients: int) -> int:
     return min(int(spec), num_clients)
 
 
+@register("sampler", "uniform")
 def sample_clients(num_clients: int, k: int, seed: int, round: int) -> list[int]:
-    """``k`` distinct client ids drawn uniformly without replacement, sorted."""
+    """``k`` distinct client ids drawn uniformly without replacement from a generator seeded by
+    (seed, round), sorted (McMahan et al. 2017, Alg. 1: a random set S_t of m clients)."""
     rng = np.random.default_rng([seed, _SAMPLE_STREAM, round])
     return sorted(int(c) for c in rng.choice(num_clients, size=k, replace=False))
+
+
+def force_clients(sampled: list[int], forced: Collection[int], seed: int, round: int) -> list[int]:
+    """``sampled`` with the ``forced`` clients in it (an attack forcing its clients into its rounds),
+    the round's size unchanged: forced clients the sampler missed replace sampled non-forced ones,
+    drawn from a generator seeded by (seed, round). When more clients are forced than the round
+    holds, a seeded draw of them fills it. Sorted."""
+    k = len(sampled)
+    forced = sorted(set(forced))
+    rng = np.random.default_rng([seed, _FORCE_STREAM, round])
+    if len(forced) >= k:
+        return sorted(int(c) for c in rng.choice(forced, size=k, replace=False))
+    others = [c for c in sampled if c not in set(forced)]
+    keep = rng.choice(len(others), size=k - len(forced), replace=False) if others else []
+    return sorted([*forced, *(others[i] for i in keep)])
 
 
 def client_generator(seed: int, round: int, client: int) -> torch.Generator:

@@ -51,6 +51,7 @@ import torch
 
 from fedtrust.errors import FedTrustError
 from fedtrust.fl.executor import Callback, ClientData, ClientStore, Executor
+from fedtrust.fl.sampling import Sampler, sample_clients
 from fedtrust.robust.attacks import Attack
 from fedtrust.fl.protocol import Algorithm, Message
 from fedtrust.flower import LOGGER, require_flower
@@ -113,9 +114,9 @@ class FlowerExecutor(Executor):
 
     def __init__(self, algorithm: Algorithm, data: ClientData, seed: int, device: torch.device,
                  num_sampled: int, log: Callable[[str], None] | None = None, config: RunConfig | None = None,
-                 attack: Attack | None = None) -> None:
+                 attack: Attack | None = None, sampler: Sampler = sample_clients) -> None:
         require_flower()
-        super().__init__(algorithm, data, seed, device, num_sampled, log, attack)
+        super().__init__(algorithm, data, seed, device, num_sampled, log, attack, sampler)
         self.config = config
         """The run's config: a simulation hands it to the ClientApps, which rebuild algorithm and data from it."""
         self._binding: GridBinding | None = None

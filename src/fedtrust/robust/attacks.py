@@ -17,7 +17,9 @@ the worst case defenses must survive).
 
 Who attacks: ``attack.ids`` (fixed client ids), or ``attack.fraction`` of the
 clients drawn once from the run seed. When: every round, or ``attack.rounds``, or
-rounds ``attack.from`` … ``attack.to``.
+rounds ``attack.from`` … ``attack.to``; an attacker attacks only when the sampler
+picks it, unless ``attack.force`` puts every attacker into each attack round
+(:func:`fedtrust.fl.sampling.force_clients`: the round keeps its size).
 
 ===========  =========================================================  ======================================
 name         what a malicious client does                               reference
@@ -65,6 +67,8 @@ class Targets:
     rounds: frozenset[int] | None = None
     first: int = 1
     last: int | None = None
+    force: bool = False
+    """Force the attackers into the sample of each attack round (``attack.force``)."""
 
     def attacks(self, client: int, round: int) -> bool:
         """True when ``client`` is malicious and ``round`` is one of its attack rounds."""
@@ -260,7 +264,7 @@ class MinSum(Omniscient):
 
 def build_attack(name: str, params: dict[str, Any], *, ids: list[int] | None, fraction: float,
                  rounds: list[int] | None, first: int, last: int | None, num_clients: int, num_classes: int,
-                 seed: int) -> Attack:
+                 seed: int, force: bool = False) -> Attack:
     """The configured attack with its targets; ids out of range are a one-line ConfigError."""
     cls = get("attack", name)
     if ids is not None:
@@ -270,5 +274,5 @@ def build_attack(name: str, params: dict[str, Any], *, ids: list[int] | None, fr
         clients = sorted(set(ids))
     else:
         clients = choose_attackers(num_clients, fraction, seed)
-    targets = Targets(frozenset(clients), frozenset(rounds) if rounds is not None else None, first, last)
+    targets = Targets(frozenset(clients), frozenset(rounds) if rounds is not None else None, first, last, force)
     return cls(cls.Params(**params), targets, num_classes, num_clients)

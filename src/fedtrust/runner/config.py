@@ -10,6 +10,7 @@ that names the key and what is valid.
 from __future__ import annotations
 
 import inspect
+import math
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -48,6 +49,7 @@ class DataConfig(Section):
     imbalance_ratio: float = Field(1.0, ge=1.0, description="long-tail n_max/n_min of the training set (1 = as is)")
     augment: str = Field("auto", description="training augmentation: auto (the data set's default), none, flip, crop, crop_flip")
     partition_seed: int | None = Field(None, description="seed of the partition (null: the run seed)")
+    sampler: str = Field("uniform", description="registered client sampler (`fedtrust list sampler`)")
     outliers: str | None = Field(None, description="training-outlier source for objectives that need outliers "
                                                    "(`fedtrust list outliers`; `npz:PATH` for your own)")
     num_outliers: int = Field(5000, ge=1, description="size of the server's outlier pool")
@@ -72,6 +74,7 @@ class DataConfig(Section):
     def _names(self) -> "DataConfig":
         get("dataset", self.dataset)
         get("partitioner", self.partition)
+        get("sampler", self.sampler)
         if isinstance(self.clients_per_round, int) and self.clients_per_round > self.num_clients:
             raise ConfigError(f"config key 'data.clients_per_round': {self.clients_per_round} exceeds "
                               f"data.num_clients={self.num_clients}")
@@ -167,6 +170,8 @@ class AttackConfig(BaseModel):
     rounds: list[int] | None = Field(None, description="the rounds the attackers attack; null: from..to")
     start: int = Field(1, ge=1, alias="from", description="first attack round (when rounds is null)")
     to: int | None = Field(None, ge=1, description="last attack round (when rounds is null); null: the last round")
+    force: bool = Field(False, description="force the attackers into the sample of every attack round "
+                                           "(else they attack when the sampler picks them)")
 
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -383,6 +388,7 @@ def build_config(tree: dict[str, Any] | None = None, overrides: list[str] | None
     for item in overrides or []:
         key, value = parse_override(item)
         set_dotted(tree, key, value)
+    _check_finite(tree)
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as e:
@@ -397,6 +403,19 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """File (optional) + overrides → validated config."""
     return build_config(load_yaml(path) if path else {}, overrides)
+
+
+def _check_finite(tree: Any, where: str = "") -> None:
+    """A NaN or infinite number is a one-line error: the resolved config (config.yaml, the Flower run
+    config) is JSON-like and would silently turn it into null."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            _check_finite(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            _check_finite(v, f"{where}[{i}]")
+    elif isinstance(tree, float) and not math.isfinite(tree):
+        raise ConfigError(f"config key {where!r}: {tree} is not allowed; use a finite number")
 
 
 def _deep_copy(tree: Any) -> Any:

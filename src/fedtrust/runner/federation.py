@@ -126,7 +126,7 @@ def build_federation(cfg: RunConfig) -> Federation:
     executor_cls = get("executor", name)
     extra = {"config": cfg} if "config" in inspect.signature(executor_cls).parameters else {}
     executor = executor_cls(algorithm, data, cfg.seed, device, k, attack=build_run_attack(cfg, dataset.num_classes),
-                            **extra)
+                            sampler=get("sampler", cfg.data.sampler), **extra)
     if isinstance(executor, EvaluatesClients):  # client state kept off the server (Flower): scored where it lives
         eval_setup.client_evaluator = executor.evaluate_clients
     return Federation(cfg, dataset, data, stats, algorithm, executor, eval_setup, device,
@@ -179,7 +179,8 @@ def build_run_attack(cfg: RunConfig, num_classes: int) -> Attack | None:
     if a.name is None:
         return None
     return build_attack(a.name, a.params(), ids=a.ids, fraction=a.fraction, rounds=a.rounds, first=a.start,
-                        last=a.to, num_clients=cfg.data.num_clients, num_classes=num_classes, seed=cfg.seed)
+                        last=a.to, num_clients=cfg.data.num_clients, num_classes=num_classes, seed=cfg.seed,
+                        force=a.force)
 
 
 def hold_out_root(train: ImageSet, size: int, seed: int) -> tuple[ImageSet, ImageSet | None]:
