@@ -18,7 +18,8 @@ from fedtrust.errors import FedTrustError
 ROLES = {"train": "training outliers", "test": "OOD tests", "either": "training outliers or OOD tests"}
 AUTO_EXECUTOR = ("vectorized where it is faster: declarative local training, several clients per round "
                  "and, on a CPU, small enough models; else sequential (the run log says which and why)")
-LIST_KINDS = ("algorithm", "objective", "score", "dataset", "outliers", "partitioner", "model", "executor")
+LIST_KINDS = ("algorithm", "objective", "score", "dataset", "outliers", "partitioner", "model", "executor", "attack",
+              "aggregator", "evaluator", "sampler")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p_rep.add_argument("-o", "--output", metavar="OUT.html", help="where to write the report")
     p_rep.set_defaults(func=_cmd_report)
-    p_list = sub.add_parser("list", help="list registered algorithms, objectives, data sets, partitioners, models")
+    p_list = sub.add_parser("list", help="list registered components (algorithms, models, attacks, aggregators, ...)")
     p_list.add_argument("kind", nargs="?", help=f"one of {', '.join(LIST_KINDS)}")
     p_list.set_defaults(func=_cmd_list)
     p_fa = sub.add_parser("flower-app", help="write a Flower app directory that runs CONFIG with `flwr run`")

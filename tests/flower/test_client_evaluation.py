@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, MetricRecord  # noqa: E402
 
 import fedtrust  # noqa: E402
 from fedtrust.errors import FedTrustError  # noqa: E402
-from fedtrust.fl.evaluate import evaluate  # noqa: E402
+from fedtrust.evaluation import evaluate  # noqa: E402
 from fedtrust.fl.executor import ClientStore  # noqa: E402
 from fedtrust.fl.protocol import Message  # noqa: E402
 from fedtrust.flower.app_config import FlowerSettings, config_table, flatten  # noqa: E402

@@ -12,8 +12,6 @@ from sklearn.metrics import accuracy_score, recall_score
 from fedtrust.errors import DataError
 from fedtrust.metrics import (
     accuracy,
-    client_accuracy,
-    global_client_accuracy,
     group_accuracy,
     local_test_indices,
     per_class_accuracy,
@@ -99,27 +97,3 @@ def test_local_test_indices_reproducible_and_random() -> None:
     assert not all(np.array_equal(x, y) for x, y in zip(a, c))
     with pytest.raises(DataError):
         local_test_indices(np.zeros((2, 3), dtype=np.int64), labels, np.random.default_rng(0))
-
-
-# --------------------------------------------------------------------------- per-client accuracy
-
-
-def test_client_accuracy_unweighted_mean_excludes_empty_clients() -> None:
-    preds = [torch.tensor([1, 1, 0, 0]), torch.tensor([2]), torch.zeros(0, dtype=torch.long)]
-    labels = [torch.tensor([1, 1, 1, 1]), torch.tensor([2]), torch.zeros(0, dtype=torch.long)]
-    out = client_accuracy(preds, labels)
-    assert out.mean == pytest.approx((0.5 + 1.0) / 2)  # unweighted, not 3/5
-    assert out.num_evaluated == 2 and out.num_excluded == 1
-    assert math.isnan(out.per_client[2])
-
-
-def test_global_client_accuracy_on_local_sets() -> None:
-    y = torch.tensor([0, 0, 1, 1, 2, 2])
-    pred = torch.tensor([0, 1, 1, 1, 0, 2])
-    local = [np.array([0, 1]), np.array([2, 3, 4]), np.zeros(0, dtype=np.int64), np.array([1, 1, 5])]
-    out = global_client_accuracy(pred, y, local)
-    assert out.per_client[:2] == pytest.approx([0.5, 2 / 3])
-    assert out.per_client[3] == pytest.approx(1 / 3)
-    assert out.mean == pytest.approx((0.5 + 2 / 3 + 1 / 3) / 3)
-    assert (out.num_evaluated, out.num_excluded) == (3, 1)
-    assert out.as_dict()["num_excluded"] == 1

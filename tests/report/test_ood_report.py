@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import fedtrust
-from fedtrust.fl.evaluate import predict_logits
+from fedtrust.evaluation import predict_logits
 from fedtrust.ood.metrics import calibration_from_logits
 from fedtrust.ood.scores import compute_scores
 from fedtrust.report import load_run, write_report

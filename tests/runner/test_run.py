@@ -117,8 +117,18 @@ def test_cli_errors_are_one_line_with_exit_status_2(tmp_path):
 def test_cli_list_shows_every_registry():
     proc = subprocess.run([sys.executable, "-m", "fedtrust.cli", "list"], capture_output=True, text=True,
                           timeout=120, check=True)
-    for name in ("fedavg", "fedprox", "digits", "dirichlet", "cnn", "resnet18", "ce"):
+    for name in ("fedavg", "fedprox", "digits", "dirichlet", "cnn", "resnet18", "ce", "sign_flip", "alie",
+                 "krum", "flame", "accuracy", "calibration", "uniform"):
         assert name in proc.stdout
+
+
+@pytest.mark.parametrize("kind, names", [("attack", ["label_flip", "min_sum"]), ("aggregator", ["median", "rlr"]),
+                                         ("evaluator", ["accuracy", "ood"]), ("sampler", ["uniform"])])
+def test_cli_list_shows_the_threat_and_evaluation_registries(kind, names):
+    """Rules out a ``fedtrust list KIND`` that does not know the new kinds or lists them empty."""
+    proc = subprocess.run([sys.executable, "-m", "fedtrust.cli", "list", kind], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert all(n in proc.stdout for n in names), proc.stdout
 
 
 def test_cli_list_outliers_names_each_source_and_its_side(capsys):

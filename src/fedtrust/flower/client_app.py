@@ -14,7 +14,7 @@ partition ``k`` of the seeded partition, and answers three message types:
   executor) with the client's persistent state, which stays in ``context.state`` on the
   node and is never sent;
 - ``evaluate``: the server state → the client's personalized scores
-  (:func:`~fedtrust.fl.evaluate.score_client`: the predictors built with that
+  (:func:`~fedtrust.evaluation.score_client`: the predictors built with that
   same state, on the client's label-matched local test set, which the node
   rebuilds from the config as the server does); the reply holds only the
   accuracies (a ``MetricRecord``), never weights or the state.
@@ -42,7 +42,7 @@ from flwr.clientapp.typing import Mod
 from flwr.common.constant import ErrorCode
 
 from fedtrust.errors import ConfigError, FedTrustError
-from fedtrust.fl.evaluate import EvalSetup, score_client
+from fedtrust.evaluation import EvalSetup, score_client
 from fedtrust.fl.executor import ClientData
 from fedtrust.fl.protocol import Algorithm, ClientContext, Message
 from fedtrust.fl.runtime import ClientRuntime

@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid
 
-    from fedtrust.fl.evaluate import ClientScores
+    from fedtrust.evaluation import ClientScores
     from fedtrust.flower.app_config import FlowerSettings
     from fedtrust.runner.config import RunConfig
 

@@ -18,7 +18,7 @@ prefix, so it never leaves the node.
 
 A node's personalized evaluation reply is one ``MetricRecord`` (``SCORES``),
 numbers only: ``client_acc/<predictor>`` and ``client_acc_masked/<predictor>``
-(:data:`~fedtrust.fl.evaluate.ClientScores`).
+(:data:`~fedtrust.evaluation.ClientScores`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from fedtrust.errors import FedTrustError
 from fedtrust.fl.protocol import Message
 
 if TYPE_CHECKING:
-    from fedtrust.fl.evaluate import ClientScores
+    from fedtrust.evaluation import ClientScores
 
 Record = ArrayRecord | ConfigRecord | MetricRecord
 

@@ -28,7 +28,7 @@ from fedtrust.flower.client_app import CALL, NODE, NUM_PARTITIONS, PARTITION_ID
 from fedtrust.flower.records import SCORES, Record, from_records, scores_from_record, to_records
 
 if TYPE_CHECKING:
-    from fedtrust.fl.evaluate import ClientScores
+    from fedtrust.evaluation import ClientScores
 
 log = logging.getLogger(LOGGER)
 

@@ -1,20 +1,19 @@
-"""Accuracy: overall, per class, per class group (many/medium/few, head/middle/tail), per client.
+"""Accuracy: overall, per class, per class group (many/medium/few, head/middle/tail), local test sets.
 
 Predictions are either class indices ``(N,)`` or scores/logits ``(N, C)``
 (reduced by argmax); labels are int64 ``(N,)`` on the same device. Per-class
 results are tensors; scalar summaries are Python floats (one sync each).
 
 Personalized evaluation (fedloge.md §1, §6): :func:`local_test_indices` builds
-each client's label-matched test set from the shared balanced test set;
-:func:`client_accuracy` / :func:`global_client_accuracy` average per-client
-accuracies unweighted, excluding (and counting) clients whose set is empty.
+each client's label-matched test set from the shared balanced test set; the
+per-client accuracies themselves are computed in one place,
+:mod:`fedtrust.evaluation.clients`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -120,51 +119,3 @@ def _check_local_inputs(client_label_counts: np.ndarray, test_labels: np.ndarray
     if test_labels.ndim != 1 or (test_labels.size and (test_labels.min() < 0 or test_labels.max() >= counts.shape[1])):
         raise DataError(f"test_labels must be a 1-D array of classes in 0..{counts.shape[1] - 1}")
     return counts.astype(np.int64), test_labels.astype(np.int64)
-
-
-@dataclass(frozen=True)
-class ClientAccuracy:
-    """Per-client accuracies and their unweighted mean over clients (fedloge.md §6 "Personalized").
-
-    ``per_client[k]`` is NaN for a client with an empty local test set; such
-    clients are left out of ``mean`` and counted in ``num_excluded``.
-    """
-
-    mean: float
-    per_client: list[float]
-    num_evaluated: int
-    num_excluded: int
-
-    @classmethod
-    def from_values(cls, values: Sequence[float]) -> "ClientAccuracy":
-        finite = [v for v in values if not math.isnan(v)]
-        mean = sum(finite) / len(finite) if finite else math.nan
-        return cls(mean, [float(v) for v in values], len(finite), len(values) - len(finite))
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def client_accuracy(preds: Sequence[Tensor], labels: Sequence[Tensor]) -> ClientAccuracy:
-    """Accuracy of each client's own predictions on its own local test set, averaged over clients.
-
-    ``preds[k]``/``labels[k]`` are client k's predictions (e.g. from its
-    personalized model) and labels on its local test set.
-    """
-    if len(preds) != len(labels):
-        raise DataError(f"got predictions for {len(preds)} clients but labels for {len(labels)}")
-    return ClientAccuracy.from_values([accuracy(p, y) for p, y in zip(preds, labels)])
-
-
-def global_client_accuracy(pred: Tensor, y: Tensor, local_indices: Sequence[np.ndarray]) -> ClientAccuracy:
-    """One model's accuracy on every client's local test set (FedAvg's "personalized" number, fedloge.md §8).
-
-    ``pred``/``y`` cover the whole shared test set; ``local_indices[k]`` (from
-    :func:`local_test_indices`) selects client k's images, repeats allowed.
-    """
-    correct = (_check_pair(pred, y) == y).double()
-    values = []
-    for idx in local_indices:
-        sel = torch.as_tensor(np.asarray(idx, dtype=np.int64), device=correct.device)
-        values.append(float(correct[sel].mean()) if sel.numel() else math.nan)
-    return ClientAccuracy.from_values(values)

@@ -31,7 +31,7 @@ class FeatureHead(nn.Module):
     """A predictor ``head(backbone.features(x))``: how FedLoGe's three use cases and FedRoD's heads are scored.
 
     Several predictors of one algorithm may share one ``backbone`` object with
-    different heads; evaluation (:func:`fedtrust.fl.evaluate.predict_all`) then
+    different heads; evaluation (:func:`fedtrust.evaluation.predict_all`) then
     computes the features once for all of them.
     """
 

@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from fedtrust.fl.evaluate import EvalScores, EvalSetup, evaluate
+from fedtrust.evaluation import EvalScores, EvalSetup, evaluate
 from fedtrust.fl.executor import Callback, RoundReport
 from fedtrust.fl.protocol import Algorithm
 from fedtrust.runner.checkpoint import Checkpoint, save_checkpoint

@@ -149,11 +149,17 @@ class EvalConfig(Section):
     num_ood: int = Field(1000, ge=1, description="images per OOD test set")
     scores: list[str] = Field(default_factory=lambda: ["msp"], description="OOD scores to report (msp, maxlogit, "
                                                                          "energy, rn)")
+    metrics: list[str] = Field(default_factory=lambda: ["accuracy", "calibration", "ood"],
+                               description="evaluators to run (`fedtrust list evaluator`), in this order")
 
     @model_validator(mode="after")
     def _names(self) -> "EvalConfig":
         for name in self.scores:
             get("score", name)
+        for name in self.metrics:
+            get("evaluator", name)
+        if not self.metrics:
+            raise ValueError("eval.metrics is empty; expected at least one evaluator (e.g. [accuracy])")
         for name in self.ood:
             _outlier_source(name)
         return self

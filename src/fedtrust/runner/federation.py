@@ -27,7 +27,7 @@ from fedtrust.fl.context import AlgorithmContext, LocalSchedule
 from fedtrust.fl.defense import Defense, RootUpdate, server_generator
 from fedtrust.robust.aggregators import build_aggregator
 from fedtrust.robust.attacks import Attack, build_attack
-from fedtrust.fl.evaluate import EvalSetup, EvaluatesClients
+from fedtrust.evaluation import EvalSetup, EvaluatesClients
 from fedtrust.fl.executor import ClientData, Executor
 from fedtrust.fl.protocol import Algorithm, ClientContext, Message, OptimizerSpec
 from fedtrust.fl.sampling import clients_per_round
@@ -112,7 +112,7 @@ def build_federation(cfg: RunConfig) -> Federation:
     ood_sets = {name: load_outliers(name, dataset.shape, cfg.eval.num_ood, cfg.seed, root).to(device)
                 for name in cfg.eval.ood}
     eval_setup = EvalSetup(test, norm, stats["groups"], stats["hmt"], local_test, cfg.eval.batch_size,
-                           ood_sets=ood_sets, scores=tuple(cfg.eval.scores))
+                           ood_sets=ood_sets, scores=tuple(cfg.eval.scores), metrics=tuple(cfg.eval.metrics))
     outliers = None
     if cfg.data.outliers is not None:
         outliers = load_outliers(cfg.data.outliers, dataset.shape, cfg.data.num_outliers, cfg.seed, root).to(device)

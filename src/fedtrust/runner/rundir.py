@@ -23,7 +23,7 @@ from fedtrust.data.outliers import display_name
 from fedtrust.errors import FedTrustError
 
 if TYPE_CHECKING:
-    from fedtrust.fl.evaluate import EvalScores
+    from fedtrust.evaluation import EvalScores
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fedtrust.fl.evaluate import absent_class_mask, client_metrics
+from fedtrust.evaluation.clients import absent_class_mask, client_metrics
 
 
 def test_client_metrics_hand_worked_with_mask():
@@ -28,7 +28,7 @@ def test_predict_all_runs_a_shared_backbone_once_with_the_same_logits():
     """FeatureHeads over one backbone: one features pass per chunk, logits equal to one pass per predictor."""
     from torch import nn
 
-    from fedtrust.fl.evaluate import predict_all, predict_logits
+    from fedtrust.evaluation.predict import predict_all, predict_logits
     from fedtrust.models import create_model
     from fedtrust.models.heads import FeatureHead
 
@@ -48,3 +48,40 @@ def test_predict_all_runs_a_shared_backbone_once_with_the_same_logits():
     for name, model in predictors.items():
         assert torch.allclose(got[name], predict_logits(model, images, norm, 4), atol=1e-6), name
     assert backbone.training and other.training  # modes restored
+
+
+def test_client_table_is_an_unweighted_mean_over_non_empty_clients_with_repeats_allowed():
+    """Rules out a sample-weighted mean over clients (3/5 here instead of (1/2 + 2/3 + 1/3)/3), counting an
+    empty client as 0 instead of leaving it out, and de-duplicating repeated test images."""
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    logits = torch.nn.functional.one_hot(torch.tensor([0, 1, 1, 1, 0, 2]), 3).float()
+    local = [torch.tensor([0, 1]), torch.tensor([2, 3, 4]), torch.zeros(0, dtype=torch.long), torch.tensor([1, 1, 5])]
+    table = client_metrics(lambda k, name: logits[local[k]] if local[k].numel() else None, local, y, 3, ["g"])
+    row = table["g"]
+    assert row["client_acc"][:2] == pytest.approx([0.5, 2 / 3]) and row["client_acc"][2] is None
+    assert row["client_acc"][3] == pytest.approx(1 / 3)
+    assert row["client_acc_mean"] == pytest.approx((0.5 + 2 / 3 + 1 / 3) / 3)
+
+
+def test_eval_metrics_choose_the_evaluators_and_keep_their_numbers():
+    """Rules out evaluators that ignore ``eval.metrics`` (ECE still computed when only accuracy is asked
+    for) or whose numbers change with the set chosen."""
+    import dataclasses
+
+    from fedtrust.errors import ConfigError
+    from fedtrust.evaluation import evaluate
+    from fedtrust.fl.executor import ClientStore
+    from fedtrust.runner.config import build_config
+    from fedtrust.runner.federation import build_federation
+
+    fed = build_federation(build_config({}, ["data.num_clients=4", "data.clients_per_round=2"]))
+    torch.manual_seed(0)
+    state = fed.algorithm.init()
+    full = evaluate(fed.algorithm, state, ClientStore(), fed.eval_setup)
+    only = evaluate(fed.algorithm, state, ClientStore(), dataclasses.replace(fed.eval_setup, metrics=("accuracy",)))
+    assert "ece" in full and "ece" not in only
+    assert {k: v for k, v in full.items() if k != "ece"} == only
+    cal = evaluate(fed.algorithm, state, ClientStore(), dataclasses.replace(fed.eval_setup, metrics=("calibration",)))
+    assert cal == {"ece": full["ece"]}
+    with pytest.raises(ConfigError, match="unknown evaluator 'acuracy' .*did you mean accuracy"):
+        build_config({}, ["eval.metrics=[acuracy]"])

@@ -1,0 +1,116 @@
+"""Evaluators: what is measured of a predictor, registered under the ``"evaluator"`` kind (``eval.metrics``).
+
+An evaluator turns one predictor's outputs into named metrics. :func:`~fedtrust.evaluation.evaluate.evaluate`
+runs the predictors once over the test set and hands each configured evaluator the model and its
+logits; evaluators that need more (OOD sets, attacks, widths) run their own passes.
+
+============  ===========================================================================  =================
+name          metrics (per predictor)                                                      needs
+============  ===========================================================================  =================
+accuracy      ``test_acc``, ``test_loss``, ``class_acc``, ``group_acc``, ``hmt_acc``; with   —
+              personalized evaluation on, ``client_acc`` (+ masked, means) per client
+calibration   ``ece`` (15 equal-width confidence bins)                                     —
+ood           ``ood`` (AUROC, AUPR-in/out, FPR95 per OOD set and score), ``feature_norm``,  ``eval.ood``
+              ``activation_ratio``
+============  ===========================================================================  =================
+
+The next systems add theirs here (ASR and τ-rejection, robust accuracy, per-width accuracy, leakage risk).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fedtrust.evaluation.setup import EvalScores, EvalSetup
+from fedtrust.metrics.accuracy import group_accuracy, per_class_accuracy
+from fedtrust.ood.metrics import activation_ratio, ece, mean_norm, ood_metrics
+from fedtrust.ood.scores import forward_in_batches, get_score
+from fedtrust.registry import register
+
+
+class Evaluator:
+    """Base class: ``test_metrics`` gives one predictor's metrics on the global test set."""
+
+    name: ClassVar[str] = "base"
+    per_client: ClassVar[bool] = False
+    """True when the evaluator also scores each client on its local test set (personalized evaluation)."""
+
+    def test_metrics(self, name: str, model: nn.Module, logits: Tensor, setup: EvalSetup,
+                     capture: EvalScores | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def _nan_to_none(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+@register("evaluator", "accuracy")
+class Accuracy(Evaluator):
+    """Accuracy, CE loss, per-class and per-group accuracy (many/medium/few, head/middle/tail) on the
+    balanced test set; group accuracy is the nan-mean of its classes' accuracies. With personalized
+    evaluation on, also each client's accuracy on its local test set (:mod:`fedtrust.evaluation.clients`)."""
+
+    name = "accuracy"
+    per_client = True
+
+    def test_metrics(self, name: str, model: nn.Module, logits: Tensor, setup: EvalSetup,
+                     capture: EvalScores | None) -> dict[str, Any]:
+        y = setup.test.y
+        pred = logits.argmax(1)
+        per_class = per_class_accuracy(pred, y, setup.test.num_classes)
+        return {
+            "test_acc": float((pred == y).float().mean()),
+            "test_loss": float(F.cross_entropy(logits, y)),
+            "class_acc": [_nan_to_none(float(a)) for a in per_class],
+            "group_acc": {k: _nan_to_none(v) for k, v in group_accuracy(per_class, setup.groups).items()},
+            "hmt_acc": {k: _nan_to_none(v) for k, v in group_accuracy(per_class, setup.hmt).items()},
+        }
+
+
+@register("evaluator", "calibration")
+class Calibration(Evaluator):
+    """Expected calibration error of the softmax confidences (Guo et al., ICML 2017, Eq. 3; 15 bins)."""
+
+    name = "calibration"
+
+    def test_metrics(self, name: str, model: nn.Module, logits: Tensor, setup: EvalSetup,
+                     capture: EvalScores | None) -> dict[str, Any]:
+        return {"ece": ece(logits, setup.test.y)}
+
+
+@register("evaluator", "ood")
+class OOD(Evaluator):
+    """Detection metrics of every configured score on every OOD test set, plus the RNA diagnostics.
+
+    ``ood["<set>/<score>"]`` holds AUROC, AUPR-in/out and FPR95 in both conventions (spec rna.md §4);
+    ``feature_norm`` and ``activation_ratio`` give mean ‖z‖ and the fraction of z > 0 on the ID test set
+    and each OOD set. Nothing without OOD sets (``eval.ood``) or for a predictor without features.
+    With ``capture``, the per-sample scores are kept for the report.
+    """
+
+    name = "ood"
+
+    def test_metrics(self, name: str, model: nn.Module, logits: Tensor, setup: EvalSetup,
+                     capture: EvalScores | None) -> dict[str, Any]:
+        if not setup.ood_sets or not hasattr(model, "forward_features_and_logits"):
+            return {}
+        z_id, logits_id = forward_in_batches(model, setup.test.x, setup.normalize, setup.batch_size)
+        out: dict[str, Any] = {"ood": {}, "feature_norm": {"id": mean_norm(z_id)},
+                               "activation_ratio": {"id": activation_ratio(z_id)}}
+        id_scores = {s: get_score(s)(logits_id, z_id) for s in setup.scores}
+        if capture is not None:
+            capture.id_scores = id_scores
+        for set_name, images in setup.ood_sets.items():
+            z, logits_ood = forward_in_batches(model, images, setup.normalize, setup.batch_size)
+            out["feature_norm"][set_name] = mean_norm(z)
+            out["activation_ratio"][set_name] = activation_ratio(z)
+            ood_scores = {s: get_score(s)(logits_ood, z) for s in setup.scores}
+            if capture is not None:
+                capture.ood_scores[set_name] = ood_scores
+            for s in setup.scores:
+                out["ood"][f"{set_name}/{s}"] = ood_metrics(id_scores[s].cpu(), ood_scores[s].cpu())
+        return out
