@@ -81,9 +81,9 @@ def test_chunked_groups_equal_sequential(clients_per_chunk, float64, executor_de
     sizes = []
     train_group = VectorizedExecutor._train_group
 
-    def spy(self, members, round):
+    def spy(self, members):
         sizes.append(len(members))
-        return train_group(self, members, round)
+        return train_group(self, members)
 
     monkeypatch.setattr(VectorizedExecutor, "_train_group", spy)
     a, b, start = run_both(["train.momentum=0.9", "train.weight_decay=0.001"],

@@ -121,10 +121,12 @@ class Executor:
             clients = force_clients(clients, forced, self.seed, round) if forced else clients
         return clients
 
-    def aggregate(self, state: Message, replies: dict[int, Message], round: int) -> tuple[Message, dict[str, Any]]:
+    def aggregate(self, state: Message, replies: dict[int, Message], round: int,
+                  messages: dict[int, Message] | None = None) -> tuple[Message, dict[str, Any]]:
         """Validate the replies, then aggregate the valid ones (or keep ``state`` when too few are left)."""
         defense = self.algorithm.ctx.defense
-        valid, rejected = validate_replies(state, replies, defense.max_update_norm)
+        specs = {c: self.algorithm.reply_spec(messages[c]) for c in replies if c in messages} if messages else None
+        valid, rejected = validate_replies(state, replies, defense.max_update_norm, specs)
         metrics: dict[str, Any] = {}
         if rejected:
             metrics["rejected"] = {str(c): reason for c, reason in rejected.items()}
@@ -150,7 +152,7 @@ class Executor:
             clients = self.sample(r)
             messages = self.algorithm.configure(state, r, clients)
             replies = self.runtime.collude(state, messages, self.execute(messages, r, store), r)
-            state, metrics = self.aggregate(state, replies, r)
+            state, metrics = self.aggregate(state, replies, r, messages)
             report = RoundReport(r, clients, {c: m.meta for c, m in replies.items()}, state, store, metrics)
             for cb in callbacks:
                 cb.after_round(report)

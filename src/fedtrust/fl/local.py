@@ -8,9 +8,10 @@ outliers and augmentations for a client.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -56,16 +57,52 @@ class ClientSchedule:
 
     batches: list[Tensor]
     outlier_batches: list[Tensor] | None
+    draws: list[dict[str, dict[str, Tensor]]] = field(default_factory=list)
+    """``draws[t]``: the augmentation draws of step t (:func:`draw_step`), when drawn up front."""
 
 
-def client_schedule(plan: LocalTraining, n: int, generator: torch.Generator) -> ClientSchedule:
-    """Draw the dropout seed, the ID batches and (if any) the outlier batches of one client."""
+def client_schedule(plan: LocalTraining, n: int, generator: torch.Generator, width: int | None = None) -> ClientSchedule:
+    """Draw the dropout seed, the ID batches, (if any) the outlier batches and, given the image
+    ``width``, every step's augmentation draws of one client, in that order.
+
+    Drawing the augmentation up front consumes the generator exactly as drawing it at each step
+    would (nothing else draws in between), so both give the same numbers; up front, several plans
+    of one client (and the vectorised executor's jobs) share one schedule.
+    """
     seed_global_rngs(int(torch.randint(0, 2**62, (1,), generator=generator)))  # dropout etc.
     batches = local_batches(n, plan.batch_size, plan.epochs, plan.steps, generator)
     outlier_batches = None
     if plan.outliers is not None:
         outlier_batches = _matching_batches(len(plan.outliers), [len(b) for b in batches], generator)
-    return ClientSchedule(batches, outlier_batches)
+    schedule = ClientSchedule(batches, outlier_batches)
+    if width is not None:
+        schedule.draws = [draw_step(plan, schedule, t, width, generator) for t in range(len(batches))]
+    return schedule
+
+
+SCHEDULE_FIELDS = ("batch_size", "epochs", "steps", "augment", "views")
+
+
+def plan_list(plan: LocalTraining | list[LocalTraining]) -> list[LocalTraining]:
+    """A client's plans as a list (one plan, or the several that share its batch schedule)."""
+    return plan if isinstance(plan, list) else [plan]
+
+
+def check_shared_schedule(plans: list[LocalTraining]) -> LocalTraining:
+    """The first of several plans that share one batch schedule; plans that disagree on the schedule
+    (batch size, epochs, steps, augmentation, views, outliers) are an error naming the field."""
+    if not plans:
+        raise FedTrustError("local_training returned an empty list of plans; expected at least one")
+    first = plans[0]
+    for j, other in enumerate(plans[1:], 1):
+        for name in SCHEDULE_FIELDS:
+            if getattr(other, name) != getattr(first, name):
+                raise FedTrustError(f"plans of one client share one batch schedule, but plan {j} has "
+                                    f"{name}={getattr(other, name)!r} and plan 0 {getattr(first, name)!r}")
+        if (other.outliers is None) != (first.outliers is None) or (
+                other.outliers is not None and other.outliers is not first.outliers):
+            raise FedTrustError(f"plans of one client share one batch schedule, but plan {j} has other outliers")
+    return first
 
 
 def _matching_batches(n: int, sizes: list[int], generator: torch.Generator) -> list[Tensor]:
@@ -133,36 +170,71 @@ def load_state(model: torch.nn.Module, state: dict[str, Tensor], device: torch.d
             t.copy_(state[k])
 
 
-def train_locally(plan: LocalTraining, data: ImageSet, ctx: ClientContext,
-                  normalize: Callable[[Tensor], Tensor]) -> TrainResult:
+def train_locally(plan: LocalTraining | list[LocalTraining], data: ImageSet, ctx: ClientContext,
+                  normalize: Callable[[Tensor], Tensor]) -> TrainResult | list[TrainResult]:
     """Run ``plan`` on ``data`` (the client's own images) and return the trained state.
+
+    Given several plans (a list), they train side by side on one batch schedule: the same
+    minibatches, outliers and augmentations, each plan its own step on each batch, in list
+    order (Split-Mix's base nets); one result per plan comes back, in order.
 
     Randomness (batch order, outlier order, augmentation, dropout) comes from
     ``ctx.generator`` and a global seed drawn from it, so a client's update is
     a function of (seed, round, client id) alone.
     """
-    model = plan.model
-    load_state(model, plan.init, ctx.device)
-    model.train()
-    named = dict(model.named_parameters())
-    trainable = {name: named[name] for name in plan.trainable}
-    for name, p in named.items():
-        p.requires_grad_(name in trainable)
-    optimizer = plan.optimizer.build(list(trainable.values()))
-    schedule = client_schedule(plan, len(data), ctx.generator)
-    losses = []
+    plans = plan_list(plan)
+    first = check_shared_schedule(plans)
+    schedule = client_schedule(first, len(data), ctx.generator, data.x.shape[-1])
+    models = _distinct_models(plans)
+    trainers = [_PlanTrainer(p, m, ctx.device) for p, m in zip(plans, models)]
     for t, idx in enumerate(schedule.batches):
         idx = idx.to(data.x.device)
-        draws = draw_step(plan, schedule, t, data.x.shape[-1], ctx.generator)
-        outliers = None if plan.outliers is None else plan.outliers[schedule.outlier_batches[t].to(data.x.device)]
-        batch = assemble_batch(data.x[idx], data.y[idx], outliers, plan.views, plan.augment, draws, normalize)
-        loss = plan.loss(model, trainable, batch, plan.ref)
-        optimizer.zero_grad(set_to_none=True)
+        outliers = None if first.outliers is None else first.outliers[schedule.outlier_batches[t].to(data.x.device)]
+        batch = assemble_batch(data.x[idx], data.y[idx], outliers, first.views, first.augment, schedule.draws[t],
+                               normalize)
+        for trainer in trainers:
+            trainer.step(batch, activate=len(trainers) > 1)
+    results = [trainer.finish(len(data), len(schedule.batches)) for trainer in trainers]
+    return results if isinstance(plan, list) else results[0]
+
+
+def _distinct_models(plans: list[LocalTraining]) -> list[torch.nn.Module]:
+    """Each plan's model; a module object two plans share is copied, since the trainer trains in place."""
+    seen: set[int] = set()
+    models = []
+    for p in plans:
+        models.append(p.model if id(p.model) not in seen else copy.deepcopy(p.model))
+        seen.add(id(p.model))
+    return models
+
+
+class _PlanTrainer:
+    """One plan's model, trainable parameters and optimizer on the reference path."""
+
+    def __init__(self, plan: LocalTraining, model: torch.nn.Module, device: torch.device) -> None:
+        self.plan, self.model = plan, model
+        load_state(model, plan.init, device)
+        model.train()
+        self.named = dict(model.named_parameters())
+        self.trainable = {name: self.named[name] for name in plan.trainable}
+        for name, p in self.named.items():
+            p.requires_grad_(name in self.trainable)
+        self.optimizer = plan.optimizer.build(list(self.trainable.values()))
+        self.losses: list[Tensor] = []
+
+    def step(self, batch: Batch, activate: bool = False) -> None:
+        if activate:  # several plans: set this plan's trainable flags again before its step
+            for name, p in self.named.items():
+                p.requires_grad_(name in self.trainable)
+        loss = self.plan.loss(self.model, self.trainable, batch, self.plan.ref)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        losses.append(loss.detach())
-    for p in named.values():
-        p.requires_grad_(True)
-    mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return TrainResult(state=state, num_examples=len(data), steps=len(schedule.batches), mean_loss=mean_loss)
+        self.optimizer.step()
+        self.losses.append(loss.detach())
+
+    def finish(self, num_examples: int, steps: int) -> TrainResult:
+        for p in self.named.values():
+            p.requires_grad_(True)
+        mean_loss = float(torch.stack(self.losses).mean()) if self.losses else float("nan")
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return TrainResult(state=state, num_examples=num_examples, steps=steps, mean_loss=mean_loss)

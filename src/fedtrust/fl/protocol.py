@@ -14,6 +14,7 @@ import functools
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
+import torch
 from torch import nn
 
 from fedtrust.data.types import ImageSet
@@ -72,6 +73,12 @@ class Algorithm:
         """
         raise NotImplementedError
 
+    def reply_spec(self, message: Message) -> dict[str, tuple[tuple[int, ...], torch.dtype]] | None:
+        """What the reply to ``message`` must hold (key → (shape, dtype)), for validation; None: the
+        round's majority signature. Algorithms whose clients reply different parts (Split-Mix's
+        bases) say it here."""
+        return None
+
     def predictors(self, state: Message, client_state: Message | None = None) -> dict[str, nn.Module]:
         """Named models to evaluate; the first is the primary one reported as ``test_acc``."""
         model = self.ctx.new_model()
@@ -79,9 +86,12 @@ class Algorithm:
         return {"global": model}
 
     # ---- client side -------------------------------------------------
-    def local_training(self, message: Message, client_state: Message, ctx: ClientContext) -> LocalTraining | None:
+    def local_training(self, message: Message, client_state: Message,
+                       ctx: ClientContext) -> LocalTraining | list[LocalTraining] | None:
         """Declarative local training for ``message``; None when the client needs general code
-        (an algorithm whose clients always do sets ``declarative = False``)."""
+        (an algorithm whose clients always do sets ``declarative = False``). Several plans (a
+        list) train side by side on one batch schedule, and ``finish`` gets their results as a
+        list in the same order (Split-Mix's base nets)."""
         return None
 
     def finish(self, message: Message, result: TrainResult, client_state: Message,

@@ -10,10 +10,12 @@ A reply is rejected, with a one-line reason, when it
 * moves the server state's floating entries by more than ``max_update_norm`` (L2 over
   all of them together), when that bound is set.
 
-The reference key set of a round is the most common (key, shape, dtype) signature
-among its replies, ties going to the signature of the lowest client id; entries
-that also live in the server state must match it whatever the majority says, so a
-lone malformed reply is caught even in a round of two.
+A reply's reference key set is what the algorithm expects of it
+(``Algorithm.reply_spec(message)``, for algorithms whose clients reply different
+parts: Split-Mix's bases), else the most common (key, shape, dtype) signature
+among the round's replies, ties going to the signature of the lowest client id;
+entries that also live in the server state must match it whatever the majority
+says, so a lone malformed reply is caught even in a round of two.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import torch
 from fedtrust.fl.types import Message
 
 Signature = tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
+ReplySpec = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
+"""The entries a reply must hold: key → (shape, dtype)."""
 
 
 def _signature(reply: Message) -> Signature:
@@ -77,9 +81,10 @@ def update_norm(reply: Message, state: Message) -> float:
     return math.sqrt(total)
 
 
-def validate_replies(state: Message, replies: Mapping[int, Message],
-                     max_update_norm: float | None = None) -> tuple[dict[int, Message], dict[int, str]]:
-    """``(valid replies, {client id: reason})`` of a round's replies, in client-id order."""
+def validate_replies(state: Message, replies: Mapping[int, Message], max_update_norm: float | None = None,
+                     specs: Mapping[int, ReplySpec | None] | None = None) -> tuple[dict[int, Message], dict[int, str]]:
+    """``(valid replies, {client id: reason})`` of a round's replies, in client-id order; ``specs[c]``,
+    when given, is what client c's reply must hold (else the round's majority signature)."""
     order = sorted(replies)
     rejected: dict[int, str] = {}
     for c in order:
@@ -91,8 +96,11 @@ def validate_replies(state: Message, replies: Mapping[int, Message],
         counts = Counter(_signature(replies[c]) for c in candidates)
         best = max(counts.values())
         majority = next(_signature(replies[c]) for c in candidates if counts[_signature(replies[c])] == best)
-        reference = {k: (shape, dtype) for k, shape, dtype in majority}
+        majority_ref = {k: (shape, dtype) for k, shape, dtype in majority}
         for c in candidates:
+            spec = (specs or {}).get(c)
+            reference = {k: (tuple(shape), dtype) for k, (shape, dtype) in spec.items()} if spec is not None \
+                else majority_ref
             problem = _shape_problem(replies[c], reference, state) or _finite_problem(replies[c])
             if problem is None and max_update_norm is not None:
                 norm = update_norm(replies[c], state)

@@ -15,6 +15,11 @@ trainer. Every client draws batches and augmentation from its own generator
 in the same order as the sequential trainer, so both executors give the same
 result up to float tolerance.
 
+A client may train several plans on one batch schedule (``local_training``
+returns a list: Split-Mix's base nets). Each (client, plan) is a job, grouped by
+its plan's shape, so clients training different subsets of the same bases still
+train together; every job of a client reads the client's one schedule.
+
 An algorithm whose client is not declarative (``local_training`` returns None)
 runs through the sequential path; the run log says so once.
 """
@@ -32,7 +37,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from fedtrust.data.augment import concat_draws
 from fedtrust.fl.executor import ClientStore, Executor
-from fedtrust.fl.local import ClientSchedule, assemble_batch, client_schedule, draw_step
+from fedtrust.fl.local import ClientSchedule, assemble_batch, check_shared_schedule, client_schedule, plan_list
 from fedtrust.fl.protocol import Algorithm
 from fedtrust.fl.types import ClientContext, LocalTraining, Message, TrainResult
 from fedtrust.fl.sampling import client_generator, seed_global_rngs
@@ -60,13 +65,15 @@ def _group_key(plan: LocalTraining) -> tuple:
 
 @dataclass
 class _Client:
-    """One client of a group: its plan, its data indices and its drawn schedule."""
+    """One (client, plan) job of a group: its plan, the client's data indices and its drawn schedule."""
 
     cid: int
     plan: LocalTraining
     indices: Tensor
     schedule: ClientSchedule
     generator: torch.Generator
+    slot: int = 0
+    """Which of the client's plans this job trains (Split-Mix: which base net)."""
 
     @property
     def batches(self) -> list[Tensor]:
@@ -89,8 +96,9 @@ class VectorizedExecutor(Executor):
     def execute(self, messages: dict[int, Message], round: int, store: ClientStore) -> dict[int, Message]:
         seed_global_rngs(client_generator(self.seed, round, 2**31).initial_seed())  # dropout under vmap
         replies: dict[int, Message] = {}
-        groups: dict[tuple, list[tuple[int, LocalTraining]]] = defaultdict(list)
-        contexts = {}
+        groups: dict[tuple, list[_Client]] = defaultdict(list)
+        contexts: dict[int, ClientContext] = {}
+        plans: dict[int, LocalTraining | list[LocalTraining]] = {}
         for c in sorted(messages):
             ctx = contexts[c] = self.client_context(c, round)
             plan = self.runtime.plan(messages[c], store.get(c), ctx)
@@ -99,15 +107,20 @@ class VectorizedExecutor(Executor):
                 reply, state = self.runtime.run(messages[c], self.data.client(c), store.get(c), ctx)
                 store.set(c, state)
                 replies[c] = reply
-            else:
-                groups[_group_key(plan)].append((c, plan))
+                continue
+            plans[c] = plan
+            for job in self._jobs(c, plan_list(plan), ctx):
+                groups[_group_key(job.plan)].append(job)
+        results: dict[tuple[int, int], TrainResult] = {}
         for members in groups.values():
-            for chunk in chunked(members, clients_per_group(members[0][1], self.group_bytes)):
-                results = self._train_group(chunk, contexts)
-                for c, plan in chunk:  # the context whose generator trained the client, as on the sequential path
-                    reply, state = self.runtime.finish(messages[c], results[c], store.get(c), contexts[c])
-                    store.set(c, state)
-                    replies[c] = reply
+            for chunk in chunked(members, clients_per_group(members[0].plan, self.group_bytes)):
+                results.update(self._train_group(chunk))
+        for c, plan in plans.items():  # the context whose generator trained the client, as on the sequential path
+            done = [results[(c, j)] for j in range(len(plan_list(plan)))]
+            reply, state = self.runtime.finish(messages[c], done if isinstance(plan, list) else done[0],
+                                               store.get(c), contexts[c])
+            store.set(c, state)
+            replies[c] = reply
         return dict(sorted(replies.items()))
 
     def _warn_fallback(self) -> None:
@@ -118,17 +131,14 @@ class VectorizedExecutor(Executor):
 
     # ------------------------------------------------------------------ one group
 
-    def _schedule(self, members: list[tuple[int, LocalTraining]], contexts: dict[int, ClientContext]) -> list[_Client]:
-        clients = []
-        for c, plan in members:
-            ctx = contexts[c]
-            idx = self.data.indices[c]
-            clients.append(_Client(c, plan, idx, client_schedule(plan, len(idx), ctx.generator), ctx.generator))
-        return clients
+    def _jobs(self, c: int, plans: list[LocalTraining], ctx: ClientContext) -> list[_Client]:
+        """One job per plan of client ``c``, all on the client's one schedule (batches and augmentation
+        draws, made up front from its generator exactly as the sequential trainer makes them)."""
+        idx = self.data.indices[c]
+        schedule = client_schedule(check_shared_schedule(plans), len(idx), ctx.generator, self.data.train.x.shape[-1])
+        return [_Client(c, plan, idx, schedule, ctx.generator, j) for j, plan in enumerate(plans)]
 
-    def _train_group(self, members: list[tuple[int, LocalTraining]],
-                     contexts: dict[int, ClientContext]) -> dict[int, TrainResult]:
-        clients = self._schedule(members, contexts)
+    def _train_group(self, clients: list[_Client]) -> dict[tuple[int, int], TrainResult]:
         plan = clients[0].plan
         model = plan.model.to(self.device).train()
         param_names = [n for n, _ in model.named_parameters()]
@@ -169,7 +179,7 @@ class VectorizedExecutor(Executor):
         if plan.outliers is not None:
             outliers = torch.cat([cl.plan.outliers[cl.schedule.outlier_batches[t].to(cl.plan.outliers.device)]
                                   for cl in clients])
-        per_client = [draw_step(cl.plan, cl.schedule, t, train.x.shape[-1], cl.generator) for cl in clients]
+        per_client = [cl.schedule.draws[t] for cl in clients]
         draws = {k: concat_draws([d[k] for d in per_client]) for k in per_client[0]}
         batch = assemble_batch(train.x[idx.flatten()], train.y[idx], outliers, plan.views, plan.augment, draws,
                                self.algorithm.ctx.normalize)
@@ -177,14 +187,14 @@ class VectorizedExecutor(Executor):
         return {k: v if k == "y" else v.view(m, -1, *v.shape[1:]) for k, v in batch.items()}
 
     def _results(self, clients: list[_Client], params: dict[str, Tensor], frozen: dict[str, Tensor],
-                 buffers: dict[str, Tensor], loss_sum: Tensor) -> dict[int, TrainResult]:
+                 buffers: dict[str, Tensor], loss_sum: Tensor) -> dict[tuple[int, int], TrainResult]:
         losses = loss_sum.cpu().tolist()
         out = {}
         for i, cl in enumerate(clients):
             state = {k: (params.get(k, frozen.get(k, buffers.get(k))))[i].clone() for k in cl.plan.init}
             n = len(cl.batches)
-            out[cl.cid] = TrainResult(state=state, num_examples=len(cl.indices), steps=n,
-                                      mean_loss=losses[i] / n if n else float("nan"))
+            out[(cl.cid, cl.slot)] = TrainResult(state=state, num_examples=len(cl.indices), steps=n,
+                                                 mean_loss=losses[i] / n if n else float("nan"))
         return out
 
 
