@@ -1,10 +1,15 @@
-"""Shared pieces of the quality benchmarks (lt_ood.py, lt_fl.py): a pool of `fedtrust run` processes and
-mean ± std formatting.
+"""Shared pieces of the quality benchmarks (lt_ood.py, lt_fl.py, byzantine.py): a pool of `fedtrust run`
+processes and mean ± std formatting.
 
 Each run is ``python -m fedtrust.cli run --quiet CONFIG key=value ... out=DIR`` in its own process with one
 torch thread, so ``--jobs`` runs share the cores without thread thrashing and a crash takes only its run
 down. A run whose ``summary.json`` already exists is not run again, so an interrupted benchmark continues
 where it stopped (delete the work folder to start over).
+
+Grids of many short runs (byzantine.py: about 1,000 runs of 5–10 s) pass ``per_process`` to
+:func:`run_jobs`: one process then runs that many jobs one after another through ``fedtrust.run`` (this file
+run as ``runpool.py --worker``), without ``report.html``. That saves the ~5 s each fresh process spends on
+imports and the HTML report, more than a short run's own training time.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +30,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 @dataclass
@@ -34,9 +41,16 @@ class Job:
     config: Path
     overrides: list[str] = field(default_factory=list)
     out: Path = Path()
+    keep_checkpoint: bool = True
+    """False: delete the run's final ``checkpoint.safetensors`` once it is done (tables need only the summary and
+    metrics; FoolsGold's checkpoint holds every client's update history, ~150 MB on MNIST)."""
 
     def done(self) -> bool:
         return (self.out / "summary.json").is_file()
+
+    def tidy(self) -> None:
+        if not self.keep_checkpoint:
+            (self.out / "checkpoint.safetensors").unlink(missing_ok=True)
 
     def summary(self) -> dict[str, Any]:
         return json.loads((self.out / "summary.json").read_text())
@@ -46,8 +60,50 @@ class Job:
             shutil.rmtree(self.out)
         args = [sys.executable, "-m", "fedtrust.cli", "run", "--quiet", str(self.config), *self.overrides,
                 f"out={self.out}"]
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(args, env=_one_thread_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+
+
+def _one_thread_env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+class _Batch:
+    """Jobs run one after another in one ``runpool.py --worker`` process (stderr to a file: no pipe to fill)."""
+
+    def __init__(self, jobs: list[Job]) -> None:
+        self.jobs, self.reported = jobs, 0
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        specs = [{"config": str(j.config), "overrides": j.overrides, "out": str(j.out)} for j in jobs]
+        self.proc = subprocess.Popen([sys.executable, __file__, "--worker"], env=_one_thread_env(), text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self.stderr)
+        self.proc.stdin.write(json.dumps(specs))
+        self.proc.stdin.close()
+
+    def newly_done(self) -> list[Job]:
+        """Jobs finished since the last call (they finish in order)."""
+        done = []
+        while self.reported < len(self.jobs) and self.jobs[self.reported].done():
+            done.append(self.jobs[self.reported])
+            self.reported += 1
+        return done
+
+    def error(self) -> str:
+        self.stderr.seek(0)
+        return self.stderr.read()
+
+
+def _worker() -> None:
+    """``runpool.py --worker``: run the job specs read from stdin (JSON) in this process, in order."""
+    import fedtrust
+
+    for spec in json.loads(sys.stdin.read()):
+        out = Path(spec["out"])
+        if (out / "summary.json").is_file():
+            continue
+        if out.exists():
+            shutil.rmtree(out)
+        fedtrust.run(spec["config"], [*spec["overrides"], f"out={out}"], progress=False, report=False)
 
 
 def benchmark_parser(doc: str, name: str) -> argparse.ArgumentParser:
@@ -62,9 +118,15 @@ def benchmark_parser(doc: str, name: str) -> argparse.ArgumentParser:
     return parser
 
 
+def shared_data_available(folder: str) -> bool:
+    """Whether ../shared/data holds ``folder/train.npz`` (e.g. ``mnist``; the benchmarks skip a data set with
+    a note where not)."""
+    return (SHARED_DATA / folder / "train.npz").is_file()
+
+
 def fmnist_available() -> bool:
     """Whether ../shared/data holds Fashion-MNIST (the benchmarks skip it with a note where not)."""
-    return (REPO.parent / "shared" / "data" / "fashion_mnist" / "train.npz").is_file()
+    return shared_data_available("fashion_mnist")
 
 
 def with_analysis(lines: list[str], analysis: str) -> list[str]:
@@ -73,11 +135,15 @@ def with_analysis(lines: list[str], analysis: str) -> list[str]:
     return [*lines, "", path.read_text().rstrip()] if path.is_file() else lines
 
 
-def run_jobs(jobs: Sequence[Job], parallel: int) -> None:
-    """Run the jobs not yet done, ``parallel`` at a time; a failed run stops the benchmark with its error."""
+def run_jobs(jobs: Sequence[Job], parallel: int, per_process: int = 1) -> None:
+    """Run the jobs not yet done, ``parallel`` processes at a time; a failed run stops the benchmark with its
+    error. ``per_process`` > 1: each process runs up to that many jobs in turn (see the module docstring)."""
     todo = [j for j in jobs if not j.done()]
     print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already done; {len(todo)} to run, {parallel} at a time",
           flush=True)
+    if per_process > 1:
+        _run_batches(todo, parallel, per_process)
+        return
     start, running = time.time(), []
     while todo or running:
         while todo and len(running) < parallel:
@@ -92,7 +158,30 @@ def run_jobs(jobs: Sequence[Job], parallel: int) -> None:
                 for _, other in running:
                     other.kill()
                 raise SystemExit(f"run {job.name} failed:\n{proc.stderr.read()}")
+            job.tidy()
             print(f"done {job.name} ({time.time() - start:.0f} s)", flush=True)
+
+
+def _run_batches(todo: list[Job], parallel: int, per_process: int) -> None:
+    chunks = [todo[i:i + per_process] for i in range(0, len(todo), per_process)]
+    start, running = time.time(), []
+    while chunks or running:
+        while chunks and len(running) < parallel:
+            running.append(_Batch(chunks.pop(0)))
+        time.sleep(0.5)
+        for batch in list(running):
+            finished = batch.proc.poll() is not None  # before newly_done, so a batch's last run is reported
+            for job in batch.newly_done():
+                job.tidy()
+                print(f"done {job.name} ({time.time() - start:.0f} s)", flush=True)
+            if not finished:
+                continue
+            running.remove(batch)
+            if batch.proc.returncode:
+                for other in running:
+                    other.proc.kill()
+                failed = batch.jobs[batch.reported].name if batch.reported < len(batch.jobs) else "?"
+                raise SystemExit(f"run {failed} failed:\n{batch.error()}")
 
 
 def total_minutes(jobs: Sequence[Job]) -> float:
@@ -123,3 +212,24 @@ def write_results(name: str, lines: list[str]) -> Path:
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return path
+
+
+def machine_note() -> str:
+    """CPU model, logical cores, RAM and torch version of this machine, for a results header."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    ram = ""
+    if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        ram = f", {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2 ** 30:.1f} GiB RAM"
+    return f"{cpu}, {os.cpu_count()} logical cores{ram}; Python {platform.python_version()}, torch {torch.__version__}"
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
+    _worker()
