@@ -9,6 +9,7 @@ parity covers personalized evaluation, which runs on the nodes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -51,6 +52,17 @@ def assert_close(a, b, rel: float, abs: float, where: str = "") -> None:
         assert b == pytest.approx(a, rel=rel, abs=abs, nan_ok=True), where
     else:
         assert a == b, where
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Runs in ``dtype`` (float64: where the vectorised executor's reordered sums equal the sequential ones)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
 
 
 def metrics(run_dir) -> list[dict]:
@@ -154,12 +166,8 @@ def test_fedloge_metrics_equal_on_sequential_vectorized_and_flower(tmp_path, one
     personal = flw[-1]["by_predictor"]["personalized"]
     assert personal["client_acc"] != flw[-1]["by_predictor"]["global"]["client_acc"]  # L_k counts
 
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with default_dtype(torch.float64):
         seq64, vec64 = run("sequential", "seq64"), run("vectorized", "vec64")
-    finally:
-        torch.set_default_dtype(old)
     assert_close(seq64, vec64, rel=1e-7, abs=1e-9)
     assert seq64[-1]["test_loss"] != seq[-1]["test_loss"], "float64 is a different run: did the dtype switch?"
 
@@ -187,10 +195,6 @@ def test_attack_and_defense_equal_on_sequential_vectorized_and_flower(tmp_path, 
     assert_close(seq, flw, rel=1e-5, abs=1e-6)
     assert seq[-1]["test_acc"] > 0.3
 
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with default_dtype(torch.float64):
         seq64, vec64 = run("sequential", "seq64"), run("vectorized", "vec64")
-    finally:
-        torch.set_default_dtype(old)
     assert_close(seq64, vec64, rel=1e-7, abs=1e-9)
