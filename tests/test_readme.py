@@ -20,6 +20,6 @@ def test_ci_runs_exactly_the_readme_test_command():
 
 
 def test_every_registered_component_is_in_the_readme_tables():
-    for kind in ("algorithm", "partitioner", "model"):
+    for kind in ("algorithm", "partitioner", "model", "attack", "aggregator", "evaluator", "sampler"):
         for name in names(kind):
             assert f"`{name}`" in README, f"{kind} {name} missing from README"
