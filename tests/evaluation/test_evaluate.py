@@ -85,3 +85,25 @@ def test_eval_metrics_choose_the_evaluators_and_keep_their_numbers():
     assert cal == {"ece": full["ece"]}
     with pytest.raises(ConfigError, match="unknown evaluator 'acuracy' .*did you mean accuracy"):
         build_config({}, ["eval.metrics=[acuracy]"])
+
+
+def test_a_diverged_model_is_evaluated_with_nulls_not_a_crash():
+    """Rules out a run that dies at evaluation when its model has diverged (NaN weights, e.g. a defense
+    overwhelmed by an attack): the record must still be written, with accuracy and null where a metric
+    has no meaning. Seen in benchmarks/byzantine.py (FoolsGold under sign flipping on MNIST)."""
+    from fedtrust.evaluation import evaluate
+    from fedtrust.fl.executor import ClientStore
+    from fedtrust.fl.types import Message
+    from fedtrust.runner.config import build_config
+    from fedtrust.runner.federation import build_federation
+    from fedtrust.runner.rundir import jsonable
+
+    fed = build_federation(build_config({}, ["data.num_clients=4", "data.clients_per_round=2", "eval.ood=[noise]",
+                                             "eval.scores=[msp, rn]", "eval.num_ood=50"]))
+    torch.manual_seed(0)
+    state = fed.algorithm.init()
+    broken = Message({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                      for k, v in state.arrays.items()}, state.meta)
+    out = evaluate(fed.algorithm, broken, ClientStore(), fed.eval_setup)
+    assert 0 <= out["test_acc"] <= 1 and out["ece"] is None
+    assert jsonable(out)["test_loss"] is None and "client_acc_mean" in out

@@ -9,7 +9,7 @@ name          metrics (per predictor)                                           
 ============  ===========================================================================  =================
 accuracy      ``test_acc``, ``test_loss``, ``class_acc``, ``group_acc``, ``hmt_acc``; with   —
               personalized evaluation on, ``client_acc`` (+ masked, means) per client
-calibration   ``ece`` (15 equal-width confidence bins)                                     —
+calibration   ``ece`` (15 equal-width confidence bins; null for a diverged model)            —
 ood           ``ood`` (AUROC, AUPR-in/out, FPR95 per OOD set and score), ``feature_norm``,  ``eval.ood``
               ``activation_ratio``
 ============  ===========================================================================  =================
@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -79,6 +80,8 @@ class Calibration(Evaluator):
 
     def test_metrics(self, name: str, model: nn.Module, logits: Tensor, setup: EvalSetup,
                      capture: EvalScores | None) -> dict[str, Any]:
+        if not bool(torch.isfinite(logits).all()):  # a diverged model: no confidences to bin (null, not a crash)
+            return {"ece": None}
         return {"ece": ece(logits, setup.test.y)}
 
 
@@ -112,5 +115,7 @@ class OOD(Evaluator):
             if capture is not None:
                 capture.ood_scores[set_name] = ood_scores
             for s in setup.scores:
-                out["ood"][f"{set_name}/{s}"] = ood_metrics(id_scores[s].cpu(), ood_scores[s].cpu())
+                finite = bool(torch.isfinite(id_scores[s]).all() and torch.isfinite(ood_scores[s]).all())
+                out["ood"][f"{set_name}/{s}"] = (ood_metrics(id_scores[s].cpu(), ood_scores[s].cpu()) if finite
+                                                 else None)  # a diverged model: null, not a crash
         return out
