@@ -190,12 +190,13 @@ def total_minutes(jobs: Sequence[Job]) -> float:
 
 
 def mean_std(values: Sequence[float | None], scale: float = 100.0, digits: int = 1) -> str:
-    """``"m ± s"`` of the non-missing values times ``scale`` (sample std; ``—`` when none)."""
+    """``"m ± s"`` of the non-missing values times ``scale`` (sample std; the value alone for one; ``—`` when none)."""
     vals = [v * scale for v in values if v is not None]
     if not vals:
         return "—"
-    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return f"{statistics.mean(vals):.{digits}f} ± {std:.{digits}f}"
+    if len(vals) == 1:  # one seed: no spread to report (not "± 0")
+        return f"{vals[0]:.{digits}f}"
+    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
 
 
 def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align_first: int = 1) -> list[str]:
