@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from fedtrust.registry import names
+from fedtrust.registry import get, names
 from fedtrust.runner.config import section_fields
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,6 +20,8 @@ def test_ci_runs_exactly_the_readme_test_command():
 
 
 def test_every_registered_component_is_in_the_readme_tables():
+    """Every component fedtrust ships (not the test-only ones a test module registers) is documented."""
     for kind in ("algorithm", "partitioner", "model", "attack", "aggregator", "evaluator", "sampler"):
         for name in names(kind):
-            assert f"`{name}`" in README, f"{kind} {name} missing from README"
+            if get(kind, name).__module__.startswith("fedtrust."):
+                assert f"`{name}`" in README, f"{kind} {name} missing from README"
