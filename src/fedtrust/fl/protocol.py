@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fedtrust.data.types import ImageSet
-from fedtrust.fl import local
+import fedtrust.fl.local as local
 from fedtrust.fl.types import (  # noqa: F401  (re-exported: the protocol's vocabulary)
     Batch, ClientContext, LocalTraining, LossFn, Message, OptimizerSpec, TrainResult, with_prefix,
 )
