@@ -11,14 +11,49 @@ plus a README with the commands to run it.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
-from fedtrust.errors import ConfigError
-from fedtrust.flower.app_config import config_table
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedtrust.errors import ConfigError, FedTrustError
+from fedtrust.flower import LOGGER
+from fedtrust.flower.app_config import FlowerSettings, config_from_run_config, config_table
 from fedtrust.flower.client_app import make_client_app
-from fedtrust.flower.server_app import make_server_app
+from fedtrust.flower.executor import bind_grid
 from fedtrust.runner.config import RunConfig, build_config, config_to_dict
+
+log = logging.getLogger(LOGGER)
+
+
+def make_server_app() -> ServerApp:
+    """The deployable ServerApp: ``fedtrust.run`` of the run config's fedtrust config on the deployment's Grid.
+
+    It writes the usual run directory (``fedtrust.out``, default ``runs/…``
+    under the ServerApp's working directory) and logs the final metrics.
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        from fedtrust.runner.run import run
+
+        cfg = config_from_run_config(context.run_config, ["executor=flower"])
+        settings = FlowerSettings.from_run_config(context.run_config)
+        try:
+            with bind_grid(grid, settings):
+                result = run(cfg, progress=False)
+        except FedTrustError as e:
+            log.error("fedtrust: error: %s", e)
+            raise
+        s = result.summary
+        log.info("fedtrust: %s on %s finished %s rounds: test_acc %.4f; run directory %s",
+                 s["algorithm"], s["dataset"], s["rounds"], s.get("test_acc", float("nan")), result.run_dir)
+
+    return app
+
 
 server_app = make_server_app()
 client_app = make_client_app()

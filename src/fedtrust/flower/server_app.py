@@ -1,4 +1,4 @@
-"""The ServerApp side: find the clients, exchange one round's messages, and the deployable ServerApp.
+"""The ServerApp side: find the clients and exchange one round's messages (the deployable ServerApp is in flower/app.py).
 
 The round loop itself is fedtrust's (``Executor.run``: sample, ``configure``,
 execute, ``aggregate``, callbacks); on Flower, "execute" is :func:`exchange`
@@ -16,14 +16,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from flwr.app import ConfigRecord, Context, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, MessageType, MetricRecord, RecordDict
 from flwr.app import Message as FlowerMessage
-from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp import Grid
 
 from fedtrust.errors import FedTrustError
 from fedtrust.fl.protocol import Message
 from fedtrust.flower import LOGGER
-from fedtrust.flower.app_config import FlowerSettings, config_from_run_config
 from fedtrust.flower.client_app import CALL, NODE, NUM_PARTITIONS, PARTITION_ID
 from fedtrust.flower.records import SCORES, Record, from_records, scores_from_record, to_records
 
@@ -192,31 +191,3 @@ def score_clients(grid: Grid, nodes: Mapping[int, int], state: Message, clients:
         except FedTrustError as e:
             failed[c] = str(e)
     return scores, dict(sorted(failed.items()))
-
-
-def make_server_app() -> ServerApp:
-    """The deployable ServerApp: ``fedtrust.run`` of the run config's fedtrust config on the deployment's Grid.
-
-    It writes the usual run directory (``fedtrust.out``, default ``runs/…``
-    under the ServerApp's working directory) and logs the final metrics.
-    """
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        from fedtrust.flower.executor import bind_grid
-        from fedtrust.runner.run import run
-
-        cfg = config_from_run_config(context.run_config, ["executor=flower"])
-        settings = FlowerSettings.from_run_config(context.run_config)
-        try:
-            with bind_grid(grid, settings):
-                result = run(cfg, progress=False)
-        except FedTrustError as e:
-            log.error("fedtrust: error: %s", e)
-            raise
-        s = result.summary
-        log.info("fedtrust: %s on %s finished %s rounds: test_acc %.4f; run directory %s",
-                 s["algorithm"], s["dataset"], s["rounds"], s.get("test_acc", float("nan")), result.run_dir)
-
-    return app
