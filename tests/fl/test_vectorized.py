@@ -39,8 +39,18 @@ CASES = {
     "two-epochs-plain-sgd": ["train.epochs=2", "train.momentum=0"],
     "rna-outliers-in-the-bn-batch": ["objective.name=rna", "data.outliers=photos", "data.num_outliers=300",
                                      "algorithm.bn_aggregation=pooled"],
+    "energy-oe-two-outliers-per-image": ["objective.name=energy_oe", "data.outliers=photos", "data.num_outliers=300",
+                                         "train.outlier_ratio=2", "data.augment=crop_flip"],
+    "keep-optimizer-trainable-head": ["train.keep_optimizer=true", "train.trainable=[head.*]",
+                                      "train.optimizer=adam", "train.lr=0.01"],
     "pascl-two-views-augmented": ["objective.name=pascl", "data.outliers=photos", "data.num_outliers=300",
                                   "data.augment=crop_flip"],
+    "pascl-digits-unaugmented-second-view-cropped": ["objective.name=pascl", "data.outliers=photos",
+                                                     "data.num_outliers=300", "train.steps=5"],
+    # clients of 101..378 samples: one keeps its single short batch, the others drop theirs, 1 or 2 steps a pass
+    "drop-last-uneven-clients": ["train.drop_last=true", "train.batch_size=128", "train.epochs=2"],
+    "colour-pipeline-outliers": ["objective.name=oe", "data.outliers=photos", "data.num_outliers=300",
+                                 "data.augment=crop+flip+color_jitter+grayscale", "train.steps=5"],
 }
 
 
@@ -145,3 +155,34 @@ def test_the_run_says_why_auto_chose_its_executor():
     named = build_federation(build_config({}, ["data.num_clients=4", "data.clients_per_round=2", "executor=sequential",
                                                "eval.personalized=false"]))
     assert named.executor_reason == "set in the config"
+
+
+def test_pascl_second_view_is_cropped_when_the_data_set_has_no_augmentation():
+    """Digits (augment none) under PASCL: ``x`` and ``x_ood`` are the raw images, ``x2`` the same images
+    cropped by its own draws. Rules out two identical views (nothing to contrast), augmenting ``x`` or the
+    outliers too, and an ``assemble_batch`` that ignores the ``x2`` draws when the plan says ``none``."""
+    from fedtrust.data.augment import random_crop
+    from fedtrust.fl.local import assemble_batch, client_schedule
+    from fedtrust.fl.types import Message
+
+    cfg = build_config({}, ["data.num_clients=4", "data.clients_per_round=2", "eval.personalized=false",
+                            "objective.name=pascl", "data.outliers=photos", "data.num_outliers=300"])
+    fed = build_federation(cfg)
+    assert fed.algorithm.ctx.schedule.augment == "none"
+    torch.manual_seed(0)
+    message = fed.algorithm.configure(fed.algorithm.init(), 1, [0])[0]
+    ctx = fed.executor.client_context(0, 1)
+    plan = fed.algorithm.local_training(message, Message(), ctx)
+    assert plan.views == 2 and plan.outliers is not None
+    data = fed.data.client(0)
+    schedule = client_schedule(plan, len(data), ctx.generator, data.x.shape[-1])
+    differ = 0
+    for t in range(3):
+        draws = schedule.draws[t]
+        assert set(draws) == {"x2"} and set(draws["x2"]) == {"dy", "dx"}
+        idx, ood = schedule.batches[t], plan.outliers[schedule.outlier_batches[t]]
+        batch = assemble_batch(data.x[idx], data.y[idx], ood, 2, plan.augment, draws, lambda x: x)
+        assert torch.equal(batch["x"], data.x[idx]) and torch.equal(batch["x_ood"], ood)
+        assert torch.equal(batch["x2"], random_crop(data.x[idx], 1, draws["x2"]["dy"], draws["x2"]["dx"]))
+        differ += int((batch["x2"] != batch["x"]).flatten(1).any(1).sum())
+    assert differ > 0.7 * sum(len(schedule.batches[t]) for t in range(3))  # only the centre offset (1/9) is the identity

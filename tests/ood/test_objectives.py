@@ -123,12 +123,57 @@ def test_energy_oe_is_ce_when_energies_are_inside_the_margins() -> None:
 
 
 def test_oecc_hand_checked_with_both_accuracy_choices() -> None:
+    """Flat logits: every max p is 1/K, every outlier softmax is uniform (L1 term 0); the ID term is the
+    batch SUM of (1/K − A_tr)², as the official notebook, not a mean (six times smaller here)."""
     batch = _batch(y=torch.zeros(6, dtype=torch.long))  # flat logits: argmax is class 0, batch accuracy 1
     guess = _objective("oecc")
     model = _model(guess, zero_head=True)
-    assert guess(model, batch).item() == pytest.approx(LOG_K + 0.07 * (1 - 1 / K), abs=1e-6)
+    assert guess(model, batch).item() == pytest.approx(LOG_K + 0.07 * 6 * (1 / K - 1) ** 2, abs=1e-6)
     fixed = _objective("oecc", train_accuracy=0.5)
-    assert fixed(model, batch).item() == pytest.approx(LOG_K + 0.07 * (0.5 - 1 / K), abs=1e-6)
+    assert fixed(model, batch).item() == pytest.approx(LOG_K + 0.07 * 6 * (1 / K - 0.5) ** 2, abs=1e-6)
+
+
+class _FixedLogits(nn.Module):
+    """Returns given logits for ``cat(x, x_ood)`` (one row per input), whatever the input."""
+
+    def __init__(self, logits: Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward_features_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        assert len(x) == len(self.logits)
+        return torch.zeros(len(x), 1), self.logits
+
+
+def test_oecc_equals_the_official_formula_on_hand_built_logits() -> None:
+    """Both regularisers on non-flat logits, written out term by term: λ1·Σ_id (max_k p_k − A_tr)² and
+    λ2·Σ_ood Σ_k |p_k − 1/K|, summed over 2 ID and 3 outlier rows, plus the ID rows' mean CE."""
+    id_logits = torch.tensor([[2.0, 0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 3.0, 0.0, 0.0]])
+    ood_logits = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0], [4.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0, 2.0]])
+    y = torch.tensor([0, 1])
+    batch = {"x": torch.zeros(2, 1, 4, 4), "x_ood": torch.zeros(3, 1, 4, 4), "y": y}
+    model = _FixedLogits(torch.cat([id_logits, ood_logits]))
+    a_tr, lam1, lam2 = 0.3, 0.3, 0.2
+    obj = _objective("oecc", train_accuracy=a_tr, lambda1=lam1, lambda2=lam2)
+    ce = sum(-math.log(math.exp(r[int(c)]) / sum(math.exp(v) for v in r)) for r, c in zip(id_logits.tolist(), y)) / 2
+    id_term = sum((max(math.exp(v) for v in r) / sum(math.exp(v) for v in r) - a_tr) ** 2 for r in id_logits.tolist())
+    ood_term = sum(abs(math.exp(v) / sum(math.exp(u) for u in r) - 1 / K) for r in ood_logits.tolist() for v in r)
+    assert ood_term > 0.5 and id_term > 0.1, "both terms must be non-trivial for the check to mean anything"
+    assert obj(model, batch).item() == pytest.approx(ce + lam1 * id_term + lam2 * ood_term, abs=1e-5)
+
+
+def test_pretrained_values_measure_the_init_model() -> None:
+    """OECC's A_tr = the training accuracy of the given logits; BEL's π̂ = the argmax histogram on outliers."""
+    train_logits = torch.tensor([[3.0, 0, 0, 0, 0], [0, 3.0, 0, 0, 0], [0, 0, 3.0, 0, 0], [3.0, 0, 0, 0, 0]])
+    labels = torch.tensor([0, 1, 1, 0])
+    assert _objective("oecc", train_accuracy="pretrained").pretrained_values(train_logits, labels, None) == \
+        {"train_accuracy": 0.75}
+    outliers = torch.tensor([[0, 0, 0, 5.0, 0], [0, 0, 0, 5.0, 0], [5.0, 0, 0, 0, 0], [0, 0, 0, 5.0, 0]])
+    got = _objective("bel", prior="pretrained").pretrained_values(train_logits, labels, outliers)
+    assert got == {"prior": [0.25, 0.0, 0.0, 0.75, 0.0]}
+    assert _objective("oecc", train_accuracy=0.9).pretrained_values(train_logits, labels, None) == {}
+    with pytest.raises(ConfigError, match="'pretrained' is measured on the init_from model"):
+        _objective("oecc", train_accuracy="pretrained")(_model(_objective("oecc")), _batch())
 
 
 def test_bel_without_balancing_is_energy_oe() -> None:

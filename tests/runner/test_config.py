@@ -32,6 +32,15 @@ def test_clients_per_round_int_is_count_float_is_fraction():
         build_config({}, ["data.clients_per_round=30"])
 
 
+def test_augmentation_pipelines_and_data_options_validate_with_the_old_defaults():
+    """Rules out a schema that rejects pipelines (or the old names), and defaults other than today's."""
+    cfg = build_config()
+    assert (cfg.data.augment, cfg.data.normalize, cfg.data.longtail_order, cfg.train.drop_last) == (
+        "auto", "dataset", "first", False)
+    for kind in ("none", "flip", "crop", "crop_flip", "crop+flip", "crop+flip+color_jitter+grayscale", "grayscale"):
+        assert build_config({}, [f"data.augment={kind}"]).data.augment == kind
+
+
 @pytest.mark.parametrize("override, fragment", [
     ("foo=1", "unknown config key 'foo'"),
     ("data.foo=1", "unknown config key 'data.foo'"),
@@ -47,6 +56,11 @@ def test_clients_per_round_int_is_count_float_is_fraction():
     ("device=tpu", "'device'"),
     ("data=3", "'data'"),
     ("rounds", "not key=value"),
+    ("data.augment=crop+rotate", "config key 'data.augment': unknown augmentation primitive 'rotate'"),
+    ("data.augment=flip+crop", "in the order crop+flip+color_jitter+grayscale"),
+    ("data.normalize=imagenet", "'data.normalize'"),
+    ("data.longtail_order=last", "'data.longtail_order'"),
+    ("train.drop_last=maybe", "'train.drop_last'"),
 ])
 def test_bad_config_is_one_line_error_naming_the_key(override, fragment):
     with pytest.raises(ConfigError) as e:

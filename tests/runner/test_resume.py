@@ -171,3 +171,18 @@ def test_kill_between_checkpoints_reruns_the_uncheckpointed_rounds(tmp_path):
     rounds_written = [r["round"] for r in read_metrics(killed)]
     assert rounds_written == list(range(1, rounds + 1)), f"rounds in metrics.jsonl: {rounds_written}"
     assert_same_run(killed, full)
+
+
+def test_kill_and_resume_keeps_the_optimizer_state(tmp_path):
+    """Centralised training with ``train.keep_optimizer``: one Adam across epochs, its moments and step
+    in the client store. Rules out a checkpoint that drops the optimizer state (or a resume that restarts
+    Adam): the epochs after the resume would take bias-corrected first steps again, other weights."""
+    rounds, args = 6, ["data.num_clients=1", "data.clients_per_round=1", "data.partition=iid", "train.steps=5",
+                       "eval.every=2", "train.optimizer=adam", "train.lr=0.003", "train.keep_optimizer=true"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    run_through(full, args, rounds)
+    run_and_kill(killed, args, rounds, after=2)
+    assert "client/0/optim/step" in load_file(str(killed / "checkpoint.safetensors")), \
+        "the checkpoint holds no kept optimizer state"
+    resume(killed)
+    assert_same_run(killed, full)

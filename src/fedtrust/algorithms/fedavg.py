@@ -7,13 +7,14 @@ running statistics included: θ ← Σ_k n_k θ_k / Σ_k n_k.
 
 from __future__ import annotations
 
-from torch import Tensor
-
+import functools
 from typing import Any, Literal
 
 from pydantic import Field
+from torch import Tensor
 
 from fedtrust.fl.protocol import Algorithm, Batch, ClientContext, LocalTraining, Message
+from fedtrust.models.select import select_parameters
 from fedtrust.registry import register
 
 
@@ -23,6 +24,7 @@ class FedAvg(Algorithm):
 
     name = "fedavg"
     declarative = True
+    train_options = frozenset({"keep_optimizer", "trainable"})
 
     class Params(Algorithm.Params):
         bn_aggregation: Literal["mean", "pooled"] = Field(
@@ -45,6 +47,15 @@ class FedAvg(Algorithm):
             messages[c] = Message(arrays=messages[c].arrays | {"outliers/x": share}, meta=messages[c].meta)
         return messages
 
+    @functools.cached_property
+    def trainable(self) -> tuple[str, ...]:
+        """The parameters local training updates: all, or those ``train.trainable`` selects (FedAvg and
+        FedProx only; subclasses that train parts of the model choose their own)."""
+        patterns = self.ctx.schedule.trainable
+        if patterns is None or not self.supports("trainable"):
+            return tuple(name for name, _ in self.template.named_parameters())
+        return select_parameters(self.template, patterns)
+
     def local_training(self, message: Message, client_state: Message, ctx: ClientContext) -> LocalTraining:
         model = self.template
         sched = self.ctx.schedule
@@ -53,7 +64,7 @@ class FedAvg(Algorithm):
             outliers=message.arrays.get("outliers/x"),
             model=model,
             init=message.prefixed("model"),
-            trainable=tuple(name for name, _ in model.named_parameters()),
+            trainable=self.trainable,
             loss=self.local_loss,
             optimizer=self.ctx.optimizer(message.meta["lr"]),
             batch_size=sched.batch_size,
@@ -61,6 +72,9 @@ class FedAvg(Algorithm):
             steps=sched.steps,
             ref=self.local_ref(message),
             augment=sched.augment,
+            drop_last=sched.drop_last,
+            outlier_ratio=sched.outlier_ratio,
+            optimizer_state=self.kept_optimizer(client_state),
         )
 
     def aggregate(self, state: Message, replies: dict[int, Message], round: int) -> tuple[Message, dict[str, Any]]:

@@ -20,6 +20,7 @@ class FedProx(FedAvg):
     """FedAvg plus the proximal term (μ/2)·‖w − w^t‖² on the client."""
 
     name = "fedprox"
+    train_options = frozenset({"keep_optimizer", "trainable"})
 
     class Params(FedAvg.Params):
         mu: float = Field(0.01, ge=0, description="proximal coefficient μ of Eq. (2)")

@@ -92,13 +92,15 @@ class OOD(Evaluator):
     ``ood["<set>/<score>"]`` holds AUROC, AUPR-in/out and FPR95 in both conventions (spec rna.md §4);
     ``feature_norm`` and ``activation_ratio`` give mean ‖z‖ and the fraction of z > 0 on the ID test set
     and each OOD set. Nothing without OOD sets (``eval.ood``) or for a predictor without features.
-    With ``capture``, the per-sample scores are kept for the report.
+    With ``capture``, the per-sample scores are kept for the report. With ``setup.ood_model`` set
+    (``eval.ood_model=init_from``), that model is scored instead of the predictor.
     """
 
     name = "ood"
 
     def test_metrics(self, name: str, model: nn.Module, logits: Tensor, setup: EvalSetup,
                      capture: EvalScores | None) -> dict[str, Any]:
+        model = setup.ood_model if setup.ood_model is not None else model
         if not setup.ood_sets or not hasattr(model, "forward_features_and_logits"):
             return {}
         z_id, logits_id = forward_in_batches(model, setup.test.x, setup.normalize, setup.batch_size)

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from fedtrust.data.types import ImageSet
 from fedtrust.fl.types import Message
@@ -40,6 +40,9 @@ class EvalSetup:
     scores: tuple[str, ...] = ("msp",)
     metrics: tuple[str, ...] = ("accuracy", "calibration", "ood")
     """Registered evaluators to run (``eval.metrics``), in this order."""
+    ood_model: nn.Module | None = None
+    """The model OOD detection is scored with instead of each predictor (``eval.ood_model=init_from``:
+    PASCL stage 2 scores OOD with its stage-1 model); None: the predictor itself."""
     client_evaluator: ClientEvaluator | None = None
     """Scores personalized clients where their state lives (executor=flower: on the nodes);
     None scores them here, from the ``ClientStore``."""

@@ -23,6 +23,12 @@ class LocalSchedule:
     epochs: int = 1
     steps: int | None = None
     augment: str = "none"
+    drop_last: bool = False
+    outlier_ratio: float = 1.0
+    keep_optimizer: bool = False
+    """Keep each client's optimizer state across rounds (config ``train.keep_optimizer``)."""
+    trainable: tuple[str, ...] | None = None
+    """Name patterns of the parameters local training updates (config ``train.trainable``); None: all."""
 
 
 @dataclass

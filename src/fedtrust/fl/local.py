@@ -19,30 +19,40 @@ from torch import Tensor
 from fedtrust.data.augment import apply_augment, draw_augment
 from fedtrust.data.types import ImageSet
 from fedtrust.errors import FedTrustError
+from fedtrust.fl.optim_state import load_torch_state, torch_state
 from fedtrust.fl.types import Batch, ClientContext, LocalTraining, TrainResult
 from fedtrust.fl.sampling import seed_global_rngs
 
 
-def num_local_steps(n: int, batch_size: int, epochs: int, steps: int | None) -> int:
-    """Minibatches a client with ``n`` samples takes: ``steps`` if set, else ``epochs·⌈n/B⌉``."""
+def num_local_steps(n: int, batch_size: int, epochs: int, steps: int | None, drop_last: bool = False) -> int:
+    """Minibatches a client with ``n`` samples takes: ``steps`` if set, else ``epochs`` times the batches
+    of one pass, ``⌈n/B⌉`` (or ``⌊n/B⌋`` with ``drop_last``, at least 1: see :func:`local_batches`)."""
     if n == 0:
         return 0
-    return steps if steps is not None else epochs * math.ceil(n / batch_size)
+    if steps is not None:
+        return steps
+    return epochs * (max(1, n // batch_size) if drop_last else math.ceil(n / batch_size))
 
 
 def local_batches(n: int, batch_size: int, epochs: int, steps: int | None,
-                  generator: torch.Generator) -> list[Tensor]:
+                  generator: torch.Generator, drop_last: bool = False) -> list[Tensor]:
     """Index batches into a client's ``n`` samples: a fresh permutation per pass.
 
     With ``steps`` set, passes repeat until exactly ``steps`` batches are drawn
     (the last pass may stop early). The final batch of a pass may be smaller
-    than ``batch_size``.
+    than ``batch_size``; ``drop_last`` drops it (RNA's loaders, spec rna.md §2),
+    except that a client with fewer than ``batch_size`` samples keeps its one
+    short batch per pass, so it still trains (a federated choice: zero steps
+    would send back the global model with the client's full sample weight).
     """
-    total = num_local_steps(n, batch_size, epochs, steps)
+    total = num_local_steps(n, batch_size, epochs, steps, drop_last)
     out: list[Tensor] = []
     while len(out) < total:
         perm = torch.randperm(n, generator=generator)
-        out.extend(perm.split(batch_size))
+        batches = perm.split(batch_size)
+        if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:
+            batches = batches[:-1]
+        out.extend(batches)
     return out[:total]
 
 
@@ -70,17 +80,24 @@ def client_schedule(plan: LocalTraining, n: int, generator: torch.Generator, wid
     of one client (and the vectorised executor's jobs) share one schedule.
     """
     seed_global_rngs(int(torch.randint(0, 2**62, (1,), generator=generator)))  # dropout etc.
-    batches = local_batches(n, plan.batch_size, plan.epochs, plan.steps, generator)
+    batches = local_batches(n, plan.batch_size, plan.epochs, plan.steps, generator, plan.drop_last)
     outlier_batches = None
     if plan.outliers is not None:
-        outlier_batches = _matching_batches(len(plan.outliers), [len(b) for b in batches], generator)
+        sizes = [outlier_count(len(b), plan.outlier_ratio) for b in batches]
+        outlier_batches = _matching_batches(len(plan.outliers), sizes, generator)
     schedule = ClientSchedule(batches, outlier_batches)
     if width is not None:
         schedule.draws = [draw_step(plan, schedule, t, width, generator) for t in range(len(batches))]
     return schedule
 
 
-SCHEDULE_FIELDS = ("batch_size", "epochs", "steps", "augment", "views")
+SCHEDULE_FIELDS = ("batch_size", "epochs", "steps", "drop_last", "augment", "views", "outlier_ratio")
+
+
+def outlier_count(id_count: int, ratio: float) -> int:
+    """Outliers beside ``id_count`` ID images in a batch: ``round(ratio·id_count)``, at least 1 (the
+    fine-tuned OE baselines take 2 per ID image, 256 beside 128; spec rna.md §5)."""
+    return max(1, round(ratio * id_count))
 
 
 def plan_list(plan: LocalTraining | list[LocalTraining]) -> list[LocalTraining]:
@@ -90,7 +107,7 @@ def plan_list(plan: LocalTraining | list[LocalTraining]) -> list[LocalTraining]:
 
 def check_shared_schedule(plans: list[LocalTraining]) -> LocalTraining:
     """The first of several plans that share one batch schedule; plans that disagree on the schedule
-    (batch size, epochs, steps, augmentation, views, outliers) are an error naming the field."""
+    (batch size, epochs, steps, drop_last, augmentation, views, outliers) are an error naming the field."""
     if not plans:
         raise FedTrustError("local_training returned an empty list of plans; expected at least one")
     first = plans[0]
@@ -117,18 +134,34 @@ def _matching_batches(n: int, sizes: list[int], generator: torch.Generator) -> l
     return list(flat.split(sizes))
 
 
+SECOND_VIEW_AUGMENT = "crop"
+"""The augmentation of the second view ``x2`` when the plan's is ``none`` (digits)."""
+
+
+def view_augment(augment: str, key: str) -> str:
+    """The augmentation of batch entry ``key`` (``x``, ``x2``, ``x_ood``) under the plan's ``augment``.
+
+    The plan's, except that the second view of a two-view objective is augmented with
+    :data:`SECOND_VIEW_AUGMENT` when the plan's is ``none``: PASCL's two views must differ (with no
+    augmentation both views are the same image and its contrastive term has nothing to contrast);
+    ``x`` and ``x_ood`` stay un-augmented then.
+    """
+    return SECOND_VIEW_AUGMENT if key == "x2" and augment == "none" else augment
+
+
 def draw_step(plan: LocalTraining, schedule: ClientSchedule, t: int, width: int,
               generator: torch.Generator) -> dict[str, dict[str, Tensor]]:
-    """One client's augmentation draws at step ``t``: ID view(s), then outliers, in that order."""
-    if plan.augment == "none":
-        return {}
+    """One client's augmentation draws at step ``t``: ID view(s), then outliers, in that order.
+
+    Only augmented entries get a draw (:func:`view_augment`); ``none`` with one view draws nothing.
+    """
     n = len(schedule.batches[t])
-    draws = {"x": draw_augment(plan.augment, n, width, generator)}
-    if plan.views == 2:
-        draws["x2"] = draw_augment(plan.augment, n, width, generator)
+    sizes = {"x": n, "x2": n}
     if schedule.outlier_batches is not None:
-        draws["x_ood"] = draw_augment(plan.augment, n, width, generator)
-    return draws
+        sizes["x_ood"] = len(schedule.outlier_batches[t])
+    keys = ["x", *(["x2"] if plan.views == 2 else []), *(["x_ood"] if schedule.outlier_batches is not None else [])]
+    return {key: draw_augment(view_augment(plan.augment, key), sizes[key], width, generator) for key in keys
+            if view_augment(plan.augment, key) != "none"}
 
 
 def assemble_batch(images: Tensor, labels: Tensor, outliers: Tensor | None, views: int, augment_kind: str,
@@ -137,10 +170,11 @@ def assemble_batch(images: Tensor, labels: Tensor, outliers: Tensor | None, view
 
     ``images``/``outliers`` may hold several clients' samples back to back
     (the vectorised executor); ``draws`` then holds their concatenated draws.
+    Each entry is augmented as :func:`view_augment` says, with its draw.
     """
 
     def view(x: Tensor, key: str) -> Tensor:
-        return normalize(apply_augment(x, augment_kind, draws[key]) if key in draws else x)
+        return normalize(apply_augment(x, view_augment(augment_kind, key), draws[key]) if key in draws else x)
 
     batch = {"x": view(images, "x"), "y": labels}
     if views == 2:
@@ -220,6 +254,8 @@ class _PlanTrainer:
         for name, p in self.named.items():
             p.requires_grad_(name in self.trainable)
         self.optimizer = plan.optimizer.build(list(self.trainable.values()))
+        if plan.optimizer_state:
+            load_torch_state(self.optimizer, self.trainable, plan.optimizer_state)
         self.losses: list[Tensor] = []
 
     def step(self, batch: Batch, activate: bool = False) -> None:
@@ -237,4 +273,6 @@ class _PlanTrainer:
             p.requires_grad_(True)
         mean_loss = float(torch.stack(self.losses).mean()) if self.losses else float("nan")
         state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        return TrainResult(state=state, num_examples=num_examples, steps=steps, mean_loss=mean_loss)
+        kept = None if self.plan.optimizer_state is None else torch_state(self.optimizer, self.trainable)
+        return TrainResult(state=state, num_examples=num_examples, steps=steps, mean_loss=mean_loss,
+                           optimizer_state=kept)

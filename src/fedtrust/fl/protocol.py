@@ -26,6 +26,18 @@ from fedtrust.fl.types import (  # noqa: F401  (re-exported: the protocol's voca
 if TYPE_CHECKING:
     from fedtrust.fl.context import AlgorithmContext
 
+OPTIM = "optim"
+"""Prefix of the kept optimizer state in a client's persistent state (never replied)."""
+
+
+def keep_optimizer_state(client_state: Message, result: TrainResult) -> Message:
+    """``client_state`` with its ``optim/`` entries replaced by the result's final optimizer state, when
+    the plan kept one (``train.keep_optimizer``); unchanged otherwise."""
+    if result.optimizer_state is None:
+        return client_state
+    rest = {k: v for k, v in client_state.arrays.items() if not k.startswith(OPTIM + "/")}
+    return Message(arrays=rest | with_prefix(OPTIM, result.optimizer_state), meta=client_state.meta)
+
 
 class Algorithm:
     """Base class: FedAvg-like defaults; an algorithm overrides only the hooks it needs.
@@ -41,6 +53,11 @@ class Algorithm:
     declarative: ClassVar[bool] = False
     """True when ``local_training`` states the client's training (so the vectorised executor can
     train clients together); it may still return None for some calls (a first visit)."""
+    train_options: ClassVar[frozenset[str]] = frozenset()
+    """The optional ``train`` keys this algorithm honours: ``keep_optimizer`` (its plans carry the
+    client's kept optimizer state, :meth:`kept_optimizer`) and ``trainable`` (its plans train only the
+    parameters the patterns select). Not inherited: a subclass that trains other parameter sets says so
+    itself (:meth:`supports`)."""
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)
@@ -85,7 +102,19 @@ class Algorithm:
         model.load_state_dict(state.prefixed("model"))
         return {"global": model}
 
+    @classmethod
+    def supports(cls, option: str) -> bool:
+        """Whether this very class (not merely a parent) lists ``option`` in ``train_options``."""
+        return option in vars(cls).get("train_options", frozenset())
+
     # ---- client side -------------------------------------------------
+    def kept_optimizer(self, client_state: Message) -> dict[str, torch.Tensor] | None:
+        """The optimizer state a plan starts from: the client's kept one (``optim/`` of its state; empty on
+        a first visit) under ``train.keep_optimizer``, else None (a fresh optimizer, dropped after)."""
+        if not (self.ctx.schedule.keep_optimizer and self.supports("keep_optimizer")):
+            return None
+        return client_state.prefixed(OPTIM)
+
     def local_training(self, message: Message, client_state: Message,
                        ctx: ClientContext) -> LocalTraining | list[LocalTraining] | None:
         """Declarative local training for ``message``; None when the client needs general code
@@ -99,7 +128,7 @@ class Algorithm:
         """Turn a finished :class:`LocalTraining` into the reply and the new client state."""
         reply = Message(arrays=with_prefix("model", result.state),
                         meta={"num_examples": result.num_examples, "loss": result.mean_loss, "steps": result.steps})
-        return reply, client_state
+        return reply, keep_optimizer_state(client_state, result)
 
     def client_update(self, message: Message, data: ImageSet, client_state: Message,
                       ctx: ClientContext) -> tuple[Message, Message]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fedtrust.fl.optim_state import split_state
 from fedtrust.fl.types import OptimizerSpec
 
 
@@ -29,6 +30,27 @@ class StackedOptimizer:
             self.state = {"buf": zeros} if spec.momentum else {}
         else:
             self.state = {"m": zeros, "v": {k: torch.zeros_like(v) for k, v in params.items()}}
+
+    def load_row(self, row: int, state: dict[str, Tensor]) -> None:
+        """Start client ``row`` from a kept optimizer state (:mod:`fedtrust.fl.optim_state`'s canonical form)."""
+        fields, step = split_state(state)
+        for field, tensors in fields.items():
+            if field not in self.state:
+                raise ValueError(f"kept optimizer state has '{field}/...' entries, which {self.spec.name} "
+                                 f"(momentum {self.spec.momentum}) does not keep")
+            for name, value in tensors.items():
+                if name not in self.state[field] or self.state[field][name].shape[1:] != value.shape:
+                    raise ValueError(f"kept optimizer state '{field}/{name}' does not fit the trainable parameters")
+                self.state[field][name][row] = value.to(self.state[field][name].device)
+        if step is not None:
+            self.steps[row] = float(step)
+
+    def row_state(self, row: int) -> dict[str, Tensor]:
+        """Client ``row``'s optimizer state in the canonical form (copies)."""
+        out = {f"{field}/{name}": v[row].clone() for field, tensors in self.state.items() for name, v in tensors.items()}
+        if self.spec.name == "adam":
+            out["step"] = self.steps[row].clone()
+        return out
 
     def step(self, grads: dict[str, Tensor], rows: Tensor | None) -> None:
         """Apply one step with ``grads`` (stacked over ``rows``, or over all clients when None)."""

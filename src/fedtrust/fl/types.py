@@ -51,7 +51,8 @@ def with_prefix(prefix: str, arrays: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """A client optimizer, rebuilt fresh each round (its state does not persist across rounds)."""
+    """A client optimizer, rebuilt each round; its state starts fresh unless the plan carries a kept one
+    (:attr:`LocalTraining.optimizer_state`, config ``train.keep_optimizer``)."""
 
     name: str = "sgd"  # "sgd" | "adam"
     lr: float = 0.05
@@ -94,11 +95,20 @@ class LocalTraining:
     steps: int | None = None
     ref: dict[str, Tensor] = field(default_factory=dict)
     augment: str = "none"
+    drop_last: bool = False
+    """Drop the final short batch of each pass (a client smaller than one batch keeps its one batch)."""
     views: int = 1
     """Augmented views of each ID image in a batch: 2 adds ``batch["x2"]`` (contrastive objectives)."""
     outliers: Tensor | None = None
     """The client's share of auxiliary outliers (uint8 images); when set, every batch also holds
     ``batch["x_ood"]``, as many outliers as ID images, drawn without replacement per pass."""
+    outlier_ratio: float = 1.0
+    """Outliers per ID image in a batch (:func:`~fedtrust.fl.local.outlier_count`): 1 as RNA and OE trained
+    from scratch, 2 as the fine-tuned baselines (128 ID + 256 outliers)."""
+    optimizer_state: dict[str, Tensor] | None = None
+    """A kept optimizer state to start from (:mod:`fedtrust.fl.optim_state`; empty: fresh). When not None,
+    the result carries the final optimizer state (:attr:`TrainResult.optimizer_state`) to keep for the next
+    round; None: a fresh optimizer whose state is dropped (the default)."""
 
 
 @dataclass
@@ -119,3 +129,5 @@ class TrainResult:
     num_examples: int
     steps: int
     mean_loss: float
+    optimizer_state: dict[str, Tensor] | None = None
+    """The optimizer's final state, when the plan kept one (:attr:`LocalTraining.optimizer_state`)."""

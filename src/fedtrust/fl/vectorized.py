@@ -60,7 +60,8 @@ class _LossModule(nn.Module):
 def _group_key(plan: LocalTraining) -> tuple:
     shapes = tuple((k, tuple(v.shape), v.dtype) for k, v in plan.init.items())
     return (id(plan.model), shapes, plan.trainable, plan.loss, plan.optimizer, plan.batch_size, plan.augment,
-            tuple(sorted(plan.ref)), plan.views, plan.outliers is None)
+            tuple(sorted(plan.ref)), plan.views, plan.outliers is None, plan.outlier_ratio,
+            plan.optimizer_state is None)
 
 
 @dataclass
@@ -149,6 +150,9 @@ class VectorizedExecutor(Executor):
         buffers = {k: stack(k) for k, _ in model.named_buffers()}
         ref = {k: torch.stack([cl.plan.ref[k] for cl in clients]).to(self.device) for k in plan.ref}
         optimizer = StackedOptimizer(plan.optimizer, params, len(clients))
+        for i, cl in enumerate(clients):
+            if cl.plan.optimizer_state:
+                optimizer.load_row(i, cl.plan.optimizer_state)
         loss_sum = torch.zeros(len(clients), device=self.device)
         step_fn = _step_function(_LossModule(model, plan.loss))
 
@@ -169,7 +173,7 @@ class VectorizedExecutor(Executor):
                         buffers[k][sel] = v
                 optimizer.step(grads, sel)
                 loss_sum.index_add_(0, torch.tensor(rows, device=self.device), losses.detach())
-        return self._results(clients, params, frozen, buffers, loss_sum)
+        return self._results(clients, params, frozen, buffers, loss_sum, optimizer)
 
     def _batch(self, clients: Sequence[_Client], t: int) -> dict[str, Tensor]:
         """The step-``t`` batches of ``clients``, stacked: every entry is (clients, B, ...)."""
@@ -187,14 +191,16 @@ class VectorizedExecutor(Executor):
         return {k: v if k == "y" else v.view(m, -1, *v.shape[1:]) for k, v in batch.items()}
 
     def _results(self, clients: list[_Client], params: dict[str, Tensor], frozen: dict[str, Tensor],
-                 buffers: dict[str, Tensor], loss_sum: Tensor) -> dict[tuple[int, int], TrainResult]:
+                 buffers: dict[str, Tensor], loss_sum: Tensor,
+                 optimizer: StackedOptimizer) -> dict[tuple[int, int], TrainResult]:
         losses = loss_sum.cpu().tolist()
         out = {}
         for i, cl in enumerate(clients):
             state = {k: (params.get(k, frozen.get(k, buffers.get(k))))[i].clone() for k in cl.plan.init}
             n = len(cl.batches)
+            kept = None if cl.plan.optimizer_state is None else optimizer.row_state(i)
             out[(cl.cid, cl.slot)] = TrainResult(state=state, num_examples=len(cl.indices), steps=n,
-                                                 mean_loss=losses[i] / n if n else float("nan"))
+                                                 mean_loss=losses[i] / n if n else float("nan"), optimizer_state=kept)
         return out
 
 

@@ -9,7 +9,7 @@ register here the same way.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
@@ -26,6 +26,9 @@ class Objective:
     """True when batches must carry ``batch["x_ood"]`` (auxiliary outliers)."""
     num_views: ClassVar[int] = 1
     """2 when batches must carry a second augmented view ``batch["x2"]`` of the ID images."""
+    from_pretrained: ClassVar[tuple[str, ...]] = ()
+    """Params that accept the value ``"pretrained"``: measured on the ``init_from`` model when the run
+    starts (:meth:`pretrained_values`) and recorded as numbers in the resolved config."""
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)
@@ -39,6 +42,12 @@ class Objective:
         """The model this objective trains: by default ``model`` itself; an objective that needs
         extra trainable modules (e.g. RNA's projection head) returns a wrapper holding them."""
         return model
+
+    def pretrained_values(self, train_logits: Tensor, train_labels: Tensor,
+                          outlier_logits: Tensor | None) -> dict[str, Any]:
+        """Values of the params set to ``"pretrained"``, from the ``init_from`` model's logits (eval mode)
+        on the whole training set and on the server's outlier pool."""
+        return {}
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         raise NotImplementedError

@@ -17,7 +17,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fedtrust.data.augment import AUGMENTATIONS
+from fedtrust.data.augment import parse_augment
 from fedtrust.errors import ConfigError
 from fedtrust.registry import get, names
 
@@ -47,7 +47,14 @@ class DataConfig(Section):
     min_size: int = Field(10, ge=0, description="minimum samples per client (partition=dirichlet)")
     classes_per_client: int = Field(2, ge=1, description="label shards per client (partition=shards)")
     imbalance_ratio: float = Field(1.0, ge=1.0, description="long-tail n_max/n_min of the training set (1 = as is)")
-    augment: str = Field("auto", description="training augmentation: auto (the data set's default), none, flip, crop, crop_flip")
+    longtail_order: Literal["first", "random"] = Field(
+        "first", description="which images the long tail keeps of each class: first (file order), random "
+                             "(drawn from the partition seed)")
+    augment: str = Field("auto", description="training augmentation: auto (the data set's default), none, crop_flip, "
+                                             "or primitives crop, flip, color_jitter, grayscale joined by '+' in that "
+                                             "order")
+    normalize: Literal["dataset", "none"] = Field(
+        "dataset", description="input normalisation: dataset (its per-channel mean/std), none (x/255 only)")
     partition_seed: int | None = Field(None, description="seed of the partition (null: the run seed)")
     sampler: str = Field("uniform", description="registered client sampler (`fedtrust list sampler`)")
     outliers: str | None = Field(None, description="training-outlier source for objectives that need outliers "
@@ -66,8 +73,11 @@ class DataConfig(Section):
     @field_validator("augment")
     @classmethod
     def _augment(cls, v: str) -> str:
-        if v != "auto" and v not in AUGMENTATIONS:
-            raise ValueError(f"unknown augmentation; valid: auto, {', '.join(AUGMENTATIONS)}")
+        if v != "auto":
+            try:
+                parse_augment(v)
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
         return v
 
     @model_validator(mode="after")
@@ -112,6 +122,13 @@ class ObjectiveConfig(Named):
 
 class TrainConfig(Section):
     optimizer: Literal["sgd", "adam"] = Field("sgd", description="client optimizer, rebuilt each round")
+    keep_optimizer: bool = Field(False, description="keep each client's optimizer state (momentum, Adam moments "
+                                                    "and step) across rounds in its persistent state; centralised "
+                                                    "runs (one client, a round per epoch) then train with one "
+                                                    "optimizer, as the papers' code (fedavg, fedprox)")
+    trainable: list[str] | None = Field(None, description="train only the parameters matching these fnmatch "
+                                                          "patterns over parameter names (`head.*`), or `<norm>` "
+                                                          "for normalisation layers; null: all (fedavg, fedprox)")
     lr: float = Field(0.05, gt=0, description="client learning rate (round 1, before the schedule)")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     nesterov: bool = Field(False, description="SGD Nesterov momentum")
@@ -120,6 +137,11 @@ class TrainConfig(Section):
     epochs: int = Field(1, ge=1, description="local epochs per round")
     steps: int | None = Field(None, ge=1, description="local steps per round; overrides epochs when set")
     batch_size: int = Field(16, ge=1, description="local minibatch size")
+    drop_last: bool = Field(False, description="drop the final short batch of each local pass (a client with "
+                                               "fewer samples than one batch keeps its one batch)")
+    outlier_ratio: float = Field(1.0, gt=0, le=16, description="outliers per ID image in a batch, for objectives "
+                                                               "with outliers (fine-tuned OE baselines: 2, i.e. "
+                                                               "128 ID + 256 outliers)")
     lr_schedule: Literal["constant", "cosine", "step", "exponential"] = Field(
         "cosine", description="learning-rate schedule across rounds")
     lr_min: float = Field(0.0, ge=0, description="final lr of the cosine schedule")
@@ -151,6 +173,9 @@ class EvalConfig(Section):
                                                                          "energy, rn)")
     metrics: list[str] = Field(default_factory=lambda: ["accuracy", "calibration", "ood"],
                                description="evaluators to run (`fedtrust list evaluator`), in this order")
+    ood_model: Literal["final", "init_from"] = Field(
+        "final", description="the model OOD detection is scored with: the run's own (final), or the init_from "
+                             "model (PASCL stage 2: OOD from stage 1, accuracy from stage 2)")
 
     @model_validator(mode="after")
     def _names(self) -> "EvalConfig":
@@ -261,6 +286,19 @@ class RunConfig(Section):
             raise ConfigError(f"objective {self.objective.name!r} needs outliers: set data.outliers "
                               f"(e.g. photos, openclipart; `fedtrust list outliers`)")
         check_disjoint([self.data.outliers] if self.data.outliers else [], self.eval.ood, self.data.dataset)
+        return self
+
+    @model_validator(mode="after")
+    def _needs_source(self) -> "RunConfig":
+        if self.init_from is not None:
+            return self
+        if self.eval.ood_model == "init_from":
+            raise ConfigError("config key 'eval.ood_model': init_from scores OOD with the init_from model; set "
+                              "init_from (a run directory or checkpoint)")
+        for key in get("objective", self.objective.name).from_pretrained:
+            if self.objective.params().get(key) == "pretrained":
+                raise ConfigError(f"config key 'objective.{key}': 'pretrained' is measured on the init_from model "
+                                  f"when the run starts; set init_from (or give a value)")
         return self
 
     @field_validator("init_from", mode="before")

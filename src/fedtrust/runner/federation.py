@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,10 +37,11 @@ from fedtrust.fl.vectorized import executor_choice
 from fedtrust.metrics.accuracy import local_test_indices
 from fedtrust.models import create_model
 from fedtrust.objectives import build_objective
-from fedtrust.registry import get
+from fedtrust.registry import get, names
 from fedtrust.runner.config import RunConfig
 
 _LOCAL_TEST_STREAM = 3
+_LONGTAIL_STREAM = 5
 
 
 @dataclass
@@ -80,8 +82,41 @@ def build_partition(cfg: RunConfig, labels: np.ndarray) -> list[np.ndarray]:
     fn = get("partitioner", d.partition)
     accepted = set(inspect.signature(fn).parameters)
     params = {k: getattr(d, k) for k in ("alpha", "min_size", "classes_per_client") if k in accepted}
-    seed = d.partition_seed if d.partition_seed is not None else cfg.seed
-    return partition(labels, d.partition, d.num_clients, seed, **params)
+    return partition(labels, d.partition, d.num_clients, partition_seed(cfg), **params)
+
+
+def partition_seed(cfg: RunConfig) -> int:
+    """``data.partition_seed``, else the run seed."""
+    return cfg.data.partition_seed if cfg.data.partition_seed is not None else cfg.seed
+
+
+def build_longtail(cfg: RunConfig, labels: np.ndarray, num_classes: int) -> np.ndarray | None:
+    """Sorted indices of the long-tailed training subset (``data.imbalance_ratio`` > 1), else None.
+
+    ``data.longtail_order``: ``first`` keeps the first n_c images of each class in file order (RNA's
+    code, spec rna.md §3); ``random`` draws them from a generator seeded by (partition seed, stream 5),
+    as FedLoGe's code shuffles each class before taking n_c.
+    """
+    if cfg.data.imbalance_ratio <= 1:
+        return None
+    rng = None
+    if cfg.data.longtail_order == "random":
+        rng = np.random.default_rng([partition_seed(cfg), _LONGTAIL_STREAM])
+    return make_longtail(labels, num_classes, cfg.data.imbalance_ratio, rng=rng, order=cfg.data.longtail_order)
+
+
+def build_normalize(kind: str, dataset: Dataset) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 images → model input, for training and evaluation alike (``data.normalize``).
+
+    ``dataset``: scale to [0, 1], then standardise with the data set's per-channel mean/std.
+    ``none``: scale to [0, 1] only (ToTensor, as RNA's CIFAR code, spec rna.md §1).
+    """
+    if kind == "none":
+        channels = dataset.shape[0]
+        return functools.partial(normalize, mean=(0.0,) * channels, std=(1.0,) * channels)
+    if kind == "dataset":
+        return functools.partial(normalize, mean=dataset.mean, std=dataset.std)
+    raise ConfigError(f"config key 'data.normalize': unknown {kind!r}; valid: dataset, none")
 
 
 def build_federation(cfg: RunConfig) -> Federation:
@@ -89,8 +124,8 @@ def build_federation(cfg: RunConfig) -> Federation:
     device = resolve_device(cfg.device)
     dataset = load_dataset(cfg.data.dataset, resolve_data_root(cfg.data.root))
     train = dataset.train
-    if cfg.data.imbalance_ratio > 1:
-        keep = make_longtail(train.y.numpy(), dataset.num_classes, cfg.data.imbalance_ratio)
+    keep = build_longtail(cfg, train.y.numpy(), dataset.num_classes)
+    if keep is not None:
         train = train.subset(torch.from_numpy(keep))
     train, root_set = hold_out_root(train, cfg.defense.root_size, cfg.seed)
     labels = train.y.numpy()
@@ -102,7 +137,7 @@ def build_federation(cfg: RunConfig) -> Federation:
 
     train, test = train.to(device), dataset.test.to(device)
     data = ClientData(train, [torch.from_numpy(p).to(device) for p in parts])
-    norm = functools.partial(normalize, mean=dataset.mean, std=dataset.std)
+    norm = build_normalize(cfg.data.normalize, dataset)
     local_test = None
     if cfg.eval.personalized:
         rng = np.random.default_rng([cfg.seed, _LOCAL_TEST_STREAM])
@@ -149,18 +184,28 @@ def build_algorithm(cfg: RunConfig, dataset: Dataset, class_counts: torch.Tensor
     schedule = LocalSchedule(
         optimizer=OptimizerSpec(name=t.optimizer, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
                                 nesterov=t.nesterov, betas=tuple(t.betas)),
-        batch_size=t.batch_size, epochs=t.epochs, steps=t.steps, augment=augment)
+        batch_size=t.batch_size, epochs=t.epochs, steps=t.steps, augment=augment, drop_last=t.drop_last,
+        outlier_ratio=t.outlier_ratio, keep_optimizer=t.keep_optimizer,
+        trainable=None if t.trainable is None else tuple(t.trainable))
     lr = functools.partial(lr_at, rounds=cfg.rounds, base=t.lr, schedule=t.lr_schedule, lr_min=t.lr_min,
                            step_rounds=t.lr_step_rounds, gamma=t.lr_gamma)
     ctx = AlgorithmContext(new_model=new_model, num_classes=dataset.num_classes, class_counts=class_counts,
                            objective=objective, schedule=schedule, lr=lr, normalize=norm, device=device,
                            seed=cfg.seed, outliers=outliers, defense=build_defense(cfg))
     cls = get("algorithm", cfg.algorithm.name)
+    for option, value in (("keep_optimizer", t.keep_optimizer), ("trainable", t.trainable)):
+        if value and not cls.supports(option):
+            able = ", ".join(n for n in names("algorithm") if get("algorithm", n).supports(option))
+            raise ConfigError(f"train.{option} is not supported by algorithm {cfg.algorithm.name!r}; "
+                              f"algorithms that support it: {able}")
     params = cls.Params(**cfg.algorithm.params())
     if getattr(params, "bn_aggregation", "mean") == "pooled" and cfg.defense.aggregator != "mean":
         raise ConfigError(f"algorithm.bn_aggregation=pooled pools BN moments by the mean; it cannot combine with "
                           f"defense.aggregator={cfg.defense.aggregator!r} (use bn_aggregation=mean)")
-    return cls(params, ctx)
+    algorithm = cls(params, ctx)
+    if t.trainable is not None:
+        algorithm.trainable  # noqa: B018  (a pattern that matches nothing fails here, before any round)
+    return algorithm
 
 
 _ROOT_STREAM = 9
