@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 if TYPE_CHECKING:
-    from fedtrust.report import RunData
+    from fedtrust.report.data import RunData
     from fedtrust.report.plots import Plot
 
 __all__ = ["fmt_duration", "fmt_pct", "render_html"]
@@ -156,7 +156,7 @@ def _predictor_section(runs: Sequence[RunData]) -> str:
 
 def _ood_key(run: RunData, key: str) -> tuple[str, str]:
     """A metrics.jsonl ``ood`` key ``"<set>/<score>"`` as (set name as the report shows it, score)."""
-    from fedtrust.report import ood_label
+    from fedtrust.report.data import ood_label
 
     set_name, _, score = key.rpartition("/")
     if not set_name:  # a key without a score part

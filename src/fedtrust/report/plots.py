@@ -38,7 +38,7 @@ from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter, StrMethodF
 from fedtrust.ood.metrics import Calibration, calibration
 
 if TYPE_CHECKING:
-    from fedtrust.report import EvalScoresData, RunData
+    from fedtrust.report.data import EvalScoresData, RunData
 
 __all__ = [
     "MAX_HIST_CLIENTS",
