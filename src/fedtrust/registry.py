@@ -37,6 +37,7 @@ _PROVIDERS: tuple[str, ...] = (
     "fedtrust.data.outliers",
     "fedtrust.robust.aggregators",
     "fedtrust.robust.attacks",
+    "fedtrust.robust.backdoor",
     "fedtrust.evaluation.evaluators",
     "fedtrust.fl.executor",
     "fedtrust.fl.vectorized",

@@ -12,6 +12,8 @@ accuracy      ``test_acc``, ``test_loss``, ``class_acc``, ``group_acc``, ``hmt_a
 calibration   ``ece`` (15 equal-width confidence bins; null for a diverged model)            —
 ood           ``ood`` (AUROC, AUPR-in/out, FPR95 per OOD set and score), ``feature_norm``,  ``eval.ood``
               ``activation_ratio``
+backdoor      ``asr``; with τ > 0 also ``asr_tau``, ``acc_tau`` and ``rejected`` (clean,    a ``backdoor``
+              backdoor) under FLIP's rejection (spec flip.md §3, §4)                       attack
 ============  ===========================================================================  =================
 
 The next systems add theirs here (ASR and τ-rejection, robust accuracy, per-width accuracy, leakage risk).
@@ -27,7 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedtrust.evaluation.setup import EvalScores, EvalSetup
+from fedtrust.evaluation.predict import predict_logits
 from fedtrust.metrics.accuracy import group_accuracy, per_class_accuracy
+from fedtrust.metrics.backdoor import accuracy_with_rejection, attack_success_rate, rejection_rate
 from fedtrust.ood.metrics import activation_ratio, ece, mean_norm, ood_metrics
 from fedtrust.ood.scores import forward_in_batches, get_score
 from fedtrust.registry import register
@@ -120,4 +124,29 @@ class OOD(Evaluator):
                 finite = bool(torch.isfinite(id_scores[s]).all() and torch.isfinite(ood_scores[s]).all())
                 out["ood"][f"{set_name}/{s}"] = (ood_metrics(id_scores[s].cpu(), ood_scores[s].cpu()) if finite
                                                  else None)  # a diverged model: null, not a crash
+        return out
+
+
+@register("evaluator", "backdoor")
+class Backdoor(Evaluator):
+    """Attack success rate of a backdoor (``asr``: stamped non-target test images predicted as the target), and
+    with FLIP's rejection threshold τ (``eval.reject_tau`` > 0): ``asr_tau`` and ``acc_tau`` count only
+    predictions whose top-1 softmax probability reaches τ (a refusal is wrong on clean data, no success on
+    backdoor data), and ``rejected`` gives the refused fractions (spec flip.md §3, §4). Nothing without a
+    backdoor attack."""
+
+    name = "backdoor"
+
+    def test_metrics(self, name: str, model: nn.Module, logits: Tensor, setup: EvalSetup,
+                     capture: EvalScores | None) -> dict[str, Any]:
+        if setup.backdoor is None:
+            return {}
+        images, target = setup.backdoor
+        bd_logits = predict_logits(model, images, setup.normalize, setup.batch_size)
+        out: dict[str, Any] = {"asr": _nan_to_none(attack_success_rate(bd_logits, target))}
+        tau = setup.reject_tau
+        if tau > 0:
+            out.update(asr_tau=_nan_to_none(attack_success_rate(bd_logits, target, tau)),
+                       acc_tau=_nan_to_none(accuracy_with_rejection(logits, setup.test.y, tau)),
+                       rejected={"clean": rejection_rate(logits, tau), "backdoor": rejection_rate(bd_logits, tau)})
         return out

@@ -40,6 +40,11 @@ class EvalSetup:
     scores: tuple[str, ...] = ("msp",)
     metrics: tuple[str, ...] = ("accuracy", "calibration", "ood")
     """Registered evaluators to run (``eval.metrics``), in this order."""
+    backdoor: tuple[Tensor, int] | None = None
+    """The backdoor test set (non-target test images stamped with the full trigger, uint8) and the target
+    class, when the run's attack is a backdoor; None: no ASR to measure."""
+    reject_tau: float = 0.0
+    """FLIP's inference-time rejection threshold τ (``eval.reject_tau``): 0 accepts every prediction."""
     ood_model: nn.Module | None = None
     """The model OOD detection is scored with instead of each predictor (``eval.ood_model=init_from``:
     PASCL stage 2 scores OOD with its stage-1 model); None: the predictor itself."""

@@ -265,6 +265,9 @@ class _PlanTrainer:
         loss = self.plan.loss(self.model, self.trainable, batch, self.plan.ref)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        for name, mask in (self.plan.grad_mask or {}).items():
+            if self.trainable[name].grad is not None:
+                self.trainable[name].grad.mul_(mask.to(self.trainable[name].grad))
         self.optimizer.step()
         self.losses.append(loss.detach())
 

@@ -19,10 +19,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import Tensor
+
 from fedtrust.data.types import ImageSet
+from fedtrust.fl.local import plan_list, train_locally
 from fedtrust.fl.protocol import Algorithm
-from fedtrust.fl.types import ClientContext, LocalTraining, Message, TrainResult
+from fedtrust.fl.types import ClientContext, LocalTraining, Message, TrainResult, with_prefix
 from fedtrust.robust.attacks import Attack
+
+ATTACK = "attack"
+"""Prefix of an attack's own state in an attacker's persistent client state (never replied; checkpointed
+with the client store, on the node under Flower). The algorithm never sees it."""
 
 
 @dataclass
@@ -36,26 +43,55 @@ class ClientRuntime:
         """True when this client attacks in this round."""
         return self.attack is not None and self.attack.attacks(ctx.client_id, ctx.round)
 
+    def _is_attacker(self, ctx: ClientContext) -> bool:
+        return self.attack is not None and ctx.client_id in self.attack.targets.clients
+
+    def _split(self, client_state: Message, ctx: ClientContext) -> tuple[Message, dict[str, Tensor]]:
+        """The algorithm's part of the client state, and the attack's (``attack/`` keys, attackers only)."""
+        if not self._is_attacker(ctx):
+            return client_state, {}
+        rest = {k: v for k, v in client_state.arrays.items() if not k.startswith(ATTACK + "/")}
+        return Message(rest, client_state.meta), client_state.prefixed(ATTACK)
+
+    def _merge(self, message: Message, state: Message, attack_state: dict[str, Tensor],
+               ctx: ClientContext) -> Message:
+        """The new client state: the algorithm's, plus the attack's after it observed this visit."""
+        if not self._is_attacker(ctx):
+            return state
+        kept = self.attack.observe(message, attack_state, ctx)
+        return Message(state.arrays | with_prefix(ATTACK, kept), state.meta)
+
     def run(self, message: Message, data: ImageSet, client_state: Message,
             ctx: ClientContext) -> tuple[Message, Message]:
         """``run_client``: one client's reply and new persistent state, on any executor."""
+        own, attack_state = self._split(client_state, ctx)
         bad = self.malicious(ctx)
         if bad:
             data = self.attack.poison_data(data, ctx)
-        reply, state = self.algorithm.client_update(message, data, client_state, ctx)
-        return (self.attack.poison_reply(message, reply, ctx) if bad else reply), state
+        plan = self.algorithm.local_training(message, own, ctx) if bad and self.attack.rewrites_training else None
+        if plan is not None:  # the attacker's own local training (declarative algorithms)
+            plans = [self.attack.rewrite_plan(p, ctx, message, attack_state) for p in plan_list(plan)]
+            result = train_locally(plans if isinstance(plan, list) else plans[0], data, ctx,
+                                   self.algorithm.ctx.normalize)
+            reply, state = self.algorithm.finish(message, result, own, ctx)
+        else:
+            reply, state = self.algorithm.client_update(message, data, own, ctx)
+        reply = self.attack.poison_reply(message, reply, ctx) if bad else reply
+        return reply, self._merge(message, state, attack_state, ctx)
 
     def plan(self, message: Message, client_state: Message, ctx: ClientContext) -> LocalTraining | None:
         """The client's declarative training, or None when it must take the general path (:meth:`run`)."""
-        if self.malicious(ctx) and self.attack.changes_data:
+        if self.malicious(ctx) and (self.attack.changes_data or self.attack.rewrites_training):
             return None
-        return self.algorithm.local_training(message, client_state, ctx)
+        return self.algorithm.local_training(message, self._split(client_state, ctx)[0], ctx)
 
     def finish(self, message: Message, result: TrainResult, client_state: Message,
                ctx: ClientContext) -> tuple[Message, Message]:
         """Reply and new state after a declarative training ran (by any trainer)."""
-        reply, state = self.algorithm.finish(message, result, client_state, ctx)
-        return (self.attack.poison_reply(message, reply, ctx) if self.malicious(ctx) else reply), state
+        own, attack_state = self._split(client_state, ctx)
+        reply, state = self.algorithm.finish(message, result, own, ctx)
+        reply = self.attack.poison_reply(message, reply, ctx) if self.malicious(ctx) else reply
+        return reply, self._merge(message, state, attack_state, ctx)
 
     def collude(self, state: Message, messages: dict[int, Message], replies: dict[int, Message],
                 round: int) -> dict[int, Message]:

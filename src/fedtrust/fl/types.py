@@ -105,6 +105,9 @@ class LocalTraining:
     outlier_ratio: float = 1.0
     """Outliers per ID image in a batch (:func:`~fedtrust.fl.local.outlier_count`): 1 as RNA and OE trained
     from scratch, 2 as the fine-tuned baselines (128 ID + 256 outliers)."""
+    grad_mask: dict[str, Tensor] | None = None
+    """0/1 masks (by trainable parameter name, its shape) multiplied into the gradient before every optimizer
+    step: the update stays on the masked coordinates (Neurotoxin's projection, Zhang et al., ICML 2022)."""
     optimizer_state: dict[str, Tensor] | None = None
     """A kept optimizer state to start from (:mod:`fedtrust.fl.optim_state`; empty: fresh). When not None,
     the result carries the final optimizer state (:attr:`TrainResult.optimizer_state`) to keep for the next

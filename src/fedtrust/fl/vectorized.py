@@ -61,7 +61,7 @@ def _group_key(plan: LocalTraining) -> tuple:
     shapes = tuple((k, tuple(v.shape), v.dtype) for k, v in plan.init.items())
     return (id(plan.model), shapes, plan.trainable, plan.loss, plan.optimizer, plan.batch_size, plan.augment,
             tuple(sorted(plan.ref)), plan.views, plan.outliers is None, plan.outlier_ratio,
-            plan.optimizer_state is None)
+            plan.optimizer_state is None, tuple(sorted(plan.grad_mask or {})))
 
 
 @dataclass
@@ -154,6 +154,8 @@ class VectorizedExecutor(Executor):
             if cl.plan.optimizer_state:
                 optimizer.load_row(i, cl.plan.optimizer_state)
         loss_sum = torch.zeros(len(clients), device=self.device)
+        masks = {k: torch.stack([cl.plan.grad_mask[k] for cl in clients]).to(self.device)
+                 for k in (plan.grad_mask or {})}
         step_fn = _step_function(_LossModule(model, plan.loss))
 
         for t in range(max(len(cl.batches) for cl in clients)):
@@ -168,6 +170,8 @@ class VectorizedExecutor(Executor):
                 pick = (lambda d: d) if whole else (lambda d: {k: v[sel] for k, v in d.items()})  # noqa: E731
                 bufs = pick(buffers)
                 grads, losses = step_fn(pick(params), pick(frozen), bufs, pick(ref), batch)
+                for k, m in pick(masks).items():
+                    grads[k] = grads[k] * m.to(grads[k].dtype)
                 if not whole:
                     for k, v in bufs.items():
                         buffers[k][sel] = v

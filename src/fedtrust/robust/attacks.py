@@ -118,6 +118,20 @@ class Attack:
         """What a malicious client sends instead of ``reply`` (default: ``reply``)."""
         return reply
 
+    rewrites_training: ClassVar[bool] = False
+    """True when :meth:`rewrite_plan` changes the attacker's local training (its own lr, epochs, ...)."""
+
+    def rewrite_plan(self, plan: Any, ctx: ClientContext, message: Message, state: dict[str, Tensor]) -> Any:
+        """The attacker's own :class:`~fedtrust.fl.types.LocalTraining` for ``message``, given its kept
+        ``state`` (default: the benign plan)."""
+        return plan
+
+    def observe(self, message: Message, state: dict[str, Tensor], ctx: ClientContext) -> dict[str, Tensor]:
+        """An attacker's kept state after a visit (every round it is sampled, attacking or not): the attack's
+        memory across rounds, kept on the client (``attack/`` in its persistent state), never on the server.
+        Default: none."""
+        return state
+
     def collude(self, state: Message, messages: Mapping[int, Message], replies: dict[int, Message],
                 round: int) -> dict[int, Message]:
         """Omniscient attacks: the round's replies with the malicious ones crafted from the benign ones."""

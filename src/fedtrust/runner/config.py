@@ -171,7 +171,10 @@ class EvalConfig(Section):
     num_ood: int = Field(1000, ge=1, description="images per OOD test set")
     scores: list[str] = Field(default_factory=lambda: ["msp"], description="OOD scores to report (msp, maxlogit, "
                                                                          "energy, rn)")
-    metrics: list[str] = Field(default_factory=lambda: ["accuracy", "calibration", "ood"],
+    reject_tau: float = Field(0.0, ge=0.0, le=1.0, description="FLIP's inference-time rejection: a prediction "
+                                                               "counts only if its top-1 softmax probability "
+                                                               "is at least this (0: off)")
+    metrics: list[str] = Field(default_factory=lambda: ["accuracy", "calibration", "ood", "backdoor"],
                                description="evaluators to run (`fedtrust list evaluator`), in this order")
     ood_model: Literal["final", "init_from"] = Field(
         "final", description="the model OOD detection is scored with: the run's own (final), or the init_from "

@@ -146,8 +146,10 @@ def build_federation(cfg: RunConfig) -> Federation:
     root = resolve_data_root(cfg.data.root)
     ood_sets = {name: load_outliers(name, dataset.shape, cfg.eval.num_ood, cfg.seed, root).to(device)
                 for name in cfg.eval.ood}
+    attack = build_run_attack(cfg, dataset.num_classes)
     eval_setup = EvalSetup(test, norm, stats["groups"], stats["hmt"], local_test, cfg.eval.batch_size,
-                           ood_sets=ood_sets, scores=tuple(cfg.eval.scores), metrics=tuple(cfg.eval.metrics))
+                           ood_sets=ood_sets, scores=tuple(cfg.eval.scores), metrics=tuple(cfg.eval.metrics),
+                           backdoor=backdoor_test(attack, test), reject_tau=cfg.eval.reject_tau)
     outliers = None
     if cfg.data.outliers is not None:
         outliers = load_outliers(cfg.data.outliers, dataset.shape, cfg.data.num_outliers, cfg.seed, root).to(device)
@@ -160,7 +162,7 @@ def build_federation(cfg: RunConfig) -> Federation:
                     else (cfg.executor, "set in the config"))
     executor_cls = get("executor", name)
     extra = {"config": cfg} if "config" in inspect.signature(executor_cls).parameters else {}
-    executor = executor_cls(algorithm, data, cfg.seed, device, k, attack=build_run_attack(cfg, dataset.num_classes),
+    executor = executor_cls(algorithm, data, cfg.seed, device, k, attack=attack,
                             sampler=get("sampler", cfg.data.sampler), **extra)
     if isinstance(executor, EvaluatesClients):  # client state kept off the server (Flower): scored where it lives
         eval_setup.client_evaluator = executor.evaluate_clients
@@ -216,6 +218,15 @@ def build_defense(cfg: RunConfig) -> Defense:
     d = cfg.defense
     return Defense(aggregator=build_aggregator(d.aggregator, d.params()), server_lr=d.server_lr,
                    max_update_norm=d.max_update_norm, min_replies=d.min_replies, seed=cfg.seed)
+
+
+def backdoor_test(attack: Attack | None, test: ImageSet) -> tuple[torch.Tensor, int] | None:
+    """The ASR test set of a backdoor attack: non-target test images stamped with its full trigger."""
+    if attack is None or not hasattr(attack, "test_trigger"):
+        return None
+    target = attack.params.target
+    keep = test.y != target
+    return attack.test_trigger(test.shape).stamp(test.x[keep]), target
 
 
 def build_run_attack(cfg: RunConfig, num_classes: int) -> Attack | None:

@@ -1,0 +1,355 @@
+"""Trigger inversion (Neural Cleanse / FLIP): the smallest mask and pattern that flip images to a target.
+
+FLIP (Zhang et al., ICLR 2023) hardens benign clients with triggers inverted
+from their own model; the primitive is Neural Cleanse's (Wang et al., S&P 2019,
+§IV-A, "reverse engineering triggers") as FLIP's code runs it (docs: ``shared/specs/flip.md`` §2
+"Inversion primitive"). For trigger ``k`` with raw variables ``(a_k, b_k)``::
+
+    m_k  = tanh(a_k) / 2 + 1/2                 mask, (H, W), shared over channels
+    p_k  = tanh(b_k) / 2 + 1/2                 pattern, (C, H, W)
+    x'   = (1 − m_k) ⊙ x + m_k ⊙ p_k           stamped input, in [0, 1] when x is
+    L    = Σ_k [ CE_k + λ_k · ‖m_k‖₁ ]         CE_k: mean CE(f(normalize(x')), t_k) over trigger k's images
+
+``f`` is the model in eval mode, its tensors detached (no gradient reaches or
+changes them); ``normalize`` maps [0, 1] pixels to what ``f`` was trained on.
+Adam (lr 0.1, betas (0.5, 0.9), eps 1e-8, as ``torch.optim.Adam``) updates
+``(a, b)``; ``hit_k`` is the fraction of trigger k's stamped images that ``f``
+classifies as ``t_k`` (the attack accuracy).
+
+**Adaptive λ** (per trigger, start ``lam0`` = 1e-3). Two counters per trigger,
+updated after every step from that step's ``hit_k``: ``up`` counts consecutive
+steps with ``hit_k ≥ τ_inv`` and ``down`` consecutive steps below it (a step
+resets the other counter to 0). When ``up`` reaches ``patience`` (10), λ ← λ·1.5
+and ``up`` ← 0; when ``down`` reaches 10, λ ← λ / 1.5^1.5 and ``down`` ← 0. So
+with τ_inv met from step 0 on, steps 0–9 use lam0, steps 10–19 use 1.5·lam0, ...
+The new λ is used from the next step on.
+
+**Best trigger.** A step whose ``hit_k ≥ τ_inv`` and whose ``‖m_k‖₁`` is below
+the best so far becomes the best (mask, pattern and raw ``(a_k, b_k)`` of that
+step, i.e. before its update). Each time, ``(a_k, b_k)`` restart from the best
+plus U(−0.01, 0.01) noise. GUESS: the restart happens *before* that step's Adam
+update, which is then applied with the gradient taken at the best, so an
+improving run keeps moving (restarting after the update would throw away every
+improving step; ``test_improving_run_keeps_shrinking`` checks this). Adam's
+moments are kept across restarts. If ``hit_k`` never reaches τ_inv the returned
+mask is all zeros (stamping is then the identity) and ``reached`` is False.
+
+**Start** (spec §7.3: no knowledge of the trigger's location): ``a`` and ``b``
+are drawn U(−``init_range``, ``init_range``) from the caller's generator (mask
+values in (0.12, 0.88) by default), unless a warm start ``init`` gives the raw
+``(a, b)`` of an earlier inversion of the same pair (``Trigger.raw``; FLIP's
+per-pair cache). The random start is drawn even when warm-started, so the
+noise that follows does not depend on which triggers were warm.
+
+**Layout.** ``K`` triggers are optimised together on a leading axis: one image
+batch, a ``group`` index (N,) saying which trigger stamps each image, one forward.
+K = 1 is :func:`invert_trigger`; K = 2 is :func:`invert_pair` (FLIP's
+``TriggerCombo``: s→t on the source images, t→s on the target's; the loss is
+the sum, so with Adam being elementwise the two are exactly two independent
+inversions sharing forwards). :func:`inversion_step` is a pure function of
+tensors (state, noise, images, a ``logits_fn``) with no host syncs, so it can be
+``torch.func.vmap``-ed over a leading client axis with ``functional_call`` in
+``logits_fn``; the drivers here run it for one model. Noise is drawn every step
+(used only by restarting triggers) on the generator's device and moved to the
+images', so the result depends only on the generator, not on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad
+
+from fedtrust.errors import ConfigError
+
+Raw = tuple[Tensor, Tensor]
+"""The raw variables ``(a, b)`` of one trigger: shapes (H, W) and (C, H, W)."""
+LogitsFn = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class InversionParams:
+    """Hyperparameters of one inversion (flip.md §2; FLIP hard-codes them, CIFAR uses ``tau_inv`` 0.85)."""
+
+    lam0: float = 1e-3
+    """Initial weight λ of the mask's L1 norm."""
+    tau_inv: float = 0.9
+    """Attack accuracy a step needs to count as a success (τ_inv)."""
+    lr: float = 0.1
+    """Adam learning rate on the raw variables (a, b)."""
+    betas: tuple[float, float] = (0.5, 0.9)
+    eps: float = 1e-8
+    patience: int = 10
+    """Consecutive successes (failures) before λ goes up (down)."""
+    lam_up: float = 1.5
+    """λ ← λ · lam_up after ``patience`` successes."""
+    lam_down: float = 1.5**1.5
+    """λ ← λ / lam_down after ``patience`` failures."""
+    restart_noise: float = 0.01
+    """Half-width of the uniform noise added to (a, b) when they restart from an improved best."""
+    init_range: float = 1.0
+    """Random start: a, b ~ U(−init_range, init_range)."""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "lam0": self.lam0 >= 0, "tau_inv": 0 < self.tau_inv <= 1, "lr": self.lr > 0,
+            "betas": all(0 <= b < 1 for b in self.betas) and len(self.betas) == 2, "eps": self.eps > 0,
+            "patience": self.patience >= 1, "lam_up": self.lam_up >= 1, "lam_down": self.lam_down >= 1,
+            "restart_noise": self.restart_noise >= 0, "init_range": self.init_range >= 0,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError(f"invalid inversion params {bad}: {self}")
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """An inverted trigger: ``stamp(x) = (1 − mask) ⊙ x + mask ⊙ pattern``.
+
+    ``mask`` (H, W) is all zeros when ``reached`` is False (τ_inv was never met),
+    so stamping is then the identity. ``l1`` is ``‖mask‖₁``. ``raw`` is the
+    ``(a, b)`` to warm-start the next inversion of the same pair with: the best's
+    when reached, else the last step's. ``lam`` is the final λ. ``history`` holds
+    per-step tensors (steps,): ``hit`` (attack accuracy), ``l1``, ``ce`` and ``lam``
+    (the λ that step used), all taken before the step's update.
+    """
+
+    mask: Tensor
+    pattern: Tensor
+    l1: float
+    reached: bool
+    raw: Raw
+    lam: float
+    history: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    def stamp(self, x: Tensor) -> Tensor:
+        """Stamp images ``x`` (N, C, H, W) or (C, H, W) in [0, 1]."""
+        return stamp(x, self.mask, self.pattern)
+
+
+class TriggerPair(NamedTuple):
+    """The two triggers of a symmetric pair: source→target and target→source."""
+
+    s_to_t: Trigger
+    t_to_s: Trigger
+
+
+class InversionState(NamedTuple):
+    """Everything one inversion carries between steps (K triggers on the leading axis); a pytree for vmap."""
+
+    a: Tensor  # (K, H, W) raw mask
+    b: Tensor  # (K, C, H, W) raw pattern
+    m_a: Tensor  # Adam first and second moments of a and b
+    v_a: Tensor
+    m_b: Tensor
+    v_b: Tensor
+    t: Tensor  # () Adam steps taken
+    lam: Tensor  # (K,) λ for the next step
+    up: Tensor  # (K,) consecutive steps with hit ≥ τ_inv
+    down: Tensor  # (K,) consecutive steps with hit < τ_inv
+    best_l1: Tensor  # (K,) smallest ‖m‖₁ among successful steps; inf until one
+    best_a: Tensor  # (K, H, W) raw variables of the best
+    best_b: Tensor  # (K, C, H, W)
+
+
+# ---------------------------------------------------------------- pure pieces
+
+
+def to_mask(a: Tensor) -> Tensor:
+    """m = tanh(a)/2 + 1/2, in (0, 1)."""
+    return torch.tanh(a) / 2 + 0.5
+
+
+def stamp(x: Tensor, mask: Tensor, pattern: Tensor) -> Tensor:
+    """x' = (1 − m) ⊙ x + m ⊙ p; ``mask`` broadcasts over channels ((H, W) or (N, 1, H, W))."""
+    return (1 - mask) * x + mask * pattern
+
+
+def init_state(a: Tensor, b: Tensor, lam0: float) -> InversionState:
+    """A fresh state from raw ``a`` (K, H, W) and ``b`` (K, C, H, W): λ = lam0, no best yet."""
+    k = a.shape[0]
+    zeros = torch.zeros(k, dtype=torch.int64, device=a.device)
+    return InversionState(
+        a, b, torch.zeros_like(a), torch.zeros_like(a), torch.zeros_like(b), torch.zeros_like(b),
+        torch.zeros((), dtype=a.dtype, device=a.device), torch.full((k,), lam0, dtype=a.dtype, device=a.device),
+        zeros, zeros.clone(), torch.full((k,), float("inf"), dtype=a.dtype, device=a.device), a.clone(), b.clone(),
+    )
+
+
+def _objective(raw: Raw, lam: Tensor, logits_fn: LogitsFn, images: Tensor, group: Tensor, target: Tensor):
+    """L = Σ_k CE_k + λ_k ‖m_k‖₁ and, as aux, the per-trigger (hit, ‖m‖₁, CE)."""
+    a, b = raw
+    mask, pattern = to_mask(a), to_mask(b)
+    logits = logits_fn(stamp(images, mask[group].unsqueeze(1), pattern[group]))
+    member = F.one_hot(group, a.shape[0]).to(images.dtype)  # (N, K)
+    count = member.sum(0)  # sums of 0/1 are exact, so hit = 9/10 is the float nearest 0.9, as τ_inv is
+    ce = (F.cross_entropy(logits, target, reduction="none") @ member) / count
+    hit = ((logits.argmax(1) == target).to(images.dtype) @ member) / count
+    l1 = mask.sum((1, 2))
+    return (ce + lam * l1).sum(), (hit.detach(), l1.detach(), ce.detach())
+
+
+def inversion_step(
+    state: InversionState, noise: Raw, logits_fn: LogitsFn, images: Tensor, group: Tensor, target: Tensor,
+    params: InversionParams,
+) -> tuple[InversionState, dict[str, Tensor]]:
+    """One step for K triggers: loss and gradient, best and restart, Adam, adaptive λ (module docstring).
+
+    Args:
+        state: the current state (K triggers).
+        noise: U(−1, 1) draws shaped like ``(state.a, state.b)``, scaled here by ``params.restart_noise``.
+        logits_fn: stamped [0, 1] images → logits (normalisation and the model's tensors bound inside).
+        images: (N, C, H, W) in [0, 1]; ``group`` (N,) which trigger stamps each; ``target`` (N,) its target.
+
+    Returns:
+        the next state and this step's ``hit``, ``l1``, ``ce``, ``lam`` (each (K,)).
+    """
+    s, p = state, params
+    (g_a, g_b), (hit, l1, ce) = grad(_objective, has_aux=True)((s.a, s.b), s.lam, logits_fn, images, group, target)
+    ok = hit >= p.tau_inv
+    better = ok & (l1 < s.best_l1)
+    ba, bb = better.view(-1, 1, 1), better.view(-1, 1, 1, 1)
+    best_l1 = torch.where(better, l1, s.best_l1)
+    best_a, best_b = torch.where(ba, s.a, s.best_a), torch.where(bb, s.b, s.best_b)
+    a = torch.where(ba, s.a + p.restart_noise * noise[0], s.a)  # restart from the best (this step's) + noise
+    b = torch.where(bb, s.b + p.restart_noise * noise[1], s.b)
+
+    t = s.t + 1  # Adam, as torch.optim.Adam (no weight decay, no amsgrad)
+    (b1, b2), c1, c2 = p.betas, 1 - p.betas[0] ** t, 1 - p.betas[1] ** t
+    m_a, m_b = b1 * s.m_a + (1 - b1) * g_a, b1 * s.m_b + (1 - b1) * g_b
+    v_a, v_b = b2 * s.v_a + (1 - b2) * g_a * g_a, b2 * s.v_b + (1 - b2) * g_b * g_b
+    a = a - p.lr / c1 * m_a / ((v_a / c2).sqrt() + p.eps)
+    b = b - p.lr / c1 * m_b / ((v_b / c2).sqrt() + p.eps)
+
+    up, down = torch.where(ok, s.up + 1, 0), torch.where(ok, 0, s.down + 1)
+    raise_, lower = up >= p.patience, down >= p.patience
+    lam = torch.where(raise_, s.lam * p.lam_up, torch.where(lower, s.lam / p.lam_down, s.lam))
+    up, down = torch.where(raise_, 0, up), torch.where(lower, 0, down)
+    nxt = InversionState(a, b, m_a, v_a, m_b, v_b, t, lam, up, down, best_l1, best_a, best_b)
+    return nxt, {"hit": hit, "l1": l1, "ce": ce, "lam": s.lam}
+
+
+# ---------------------------------------------------------------- drivers (one model)
+
+
+def invert_trigger(
+    model: nn.Module, images: Tensor, target: int, steps: int, generator: torch.Generator, *,
+    normalize: Callable[[Tensor], Tensor] | None = None, params: InversionParams = InversionParams(),
+    init: Raw | None = None,
+) -> Trigger:
+    """Invert the smallest trigger that makes ``model`` classify ``images`` as ``target``.
+
+    Args:
+        model: the classifier; put in eval mode for the inversion, its mode restored after; never changed.
+        images: (N, C, H, W) in [0, 1], normally none of class ``target``; the trigger's device and dtype.
+        target: the class the trigger should flip to.
+        steps: Adam steps, each on all of ``images``.
+        generator: the only source of randomness (random start, restart noise).
+        normalize: applied to stamped images before the model (identity when None).
+        params: hyperparameters.
+        init: warm start, the ``raw`` of an earlier :class:`Trigger` of the same pair.
+    """
+    _check_images(images, "images")
+    group = torch.zeros(len(images), dtype=torch.int64, device=images.device)
+    targets = torch.full_like(group, target)
+    (trig,) = _invert(model, images, group, targets, 1, steps, generator, normalize, params, [init])
+    return trig
+
+
+def invert_pair(
+    model: nn.Module, x_s: Tensor, x_t: Tensor, s: int, t: int, steps: int, generator: torch.Generator, *,
+    normalize: Callable[[Tensor], Tensor] | None = None, params: InversionParams = InversionParams(),
+    init: tuple[Raw | None, Raw | None] | None = None,
+) -> TriggerPair:
+    """Invert s→t (stamped on ``x_s``) and t→s (on ``x_t``) jointly, each with its own λ (FLIP ``TriggerCombo``).
+
+    ``init`` warm-starts either trigger (``(raw_st, raw_ts)``, either may be None).
+    Other arguments as :func:`invert_trigger`.
+    """
+    _check_images(x_s, "x_s")
+    _check_images(x_t, "x_t")
+    if x_s.shape[1:] != x_t.shape[1:]:
+        raise ConfigError(f"x_s and x_t must share (C, H, W), got {tuple(x_s.shape[1:])} and {tuple(x_t.shape[1:])}")
+    images = torch.cat([x_s, x_t])
+    group = torch.cat([torch.zeros(len(x_s), dtype=torch.int64), torch.ones(len(x_t), dtype=torch.int64)])
+    targets = torch.where(group == 0, t, s)
+    inits = list(init) if init is not None else [None, None]
+    st, ts = _invert(model, images, group.to(images.device), targets.to(images.device), 2, steps, generator,
+                     normalize, params, inits)
+    return TriggerPair(st, ts)
+
+
+def _invert(
+    model: nn.Module, images: Tensor, group: Tensor, target: Tensor, k: int, steps: int,
+    generator: torch.Generator, normalize: Callable[[Tensor], Tensor] | None, params: InversionParams,
+    inits: list[Raw | None],
+) -> list[Trigger]:
+    if steps < 0:
+        raise ConfigError(f"steps must be >= 0, got {steps}")
+    norm = normalize if normalize is not None else (lambda x: x)
+    _, c, h, w = images.shape
+    a, b = _start(k, (c, h, w), generator, images, params, inits)
+    weights = {name: v.detach() for name, v in [*model.named_parameters(), *model.named_buffers()]}
+
+    def logits_fn(x: Tensor) -> Tensor:
+        return functional_call(model, weights, (norm(x),))
+
+    was_training = model.training
+    model.eval()
+    try:
+        state, history = init_state(a, b, params.lam0), []
+        for _ in range(steps):
+            noise = (_uniform(a.shape, generator, images), _uniform(b.shape, generator, images))
+            state, stats = inversion_step(state, noise, logits_fn, images, group, target, params)
+            history.append(stats)
+    finally:
+        model.train(was_training)
+    hist = {key: torch.stack([st[key] for st in history]) if history else images.new_zeros(0, k)
+            for key in ("hit", "l1", "ce", "lam")}
+    return [_trigger(state, i, {key: v[:, i] for key, v in hist.items()}) for i in range(k)]
+
+
+def _start(
+    k: int, shape: tuple[int, int, int], generator: torch.Generator, like: Tensor, params: InversionParams,
+    inits: list[Raw | None],
+) -> Raw:
+    """Random raw (a, b) for all K triggers, then the warm starts written over theirs."""
+    c, h, w = shape
+    a = params.init_range * _uniform((k, h, w), generator, like)
+    b = params.init_range * _uniform((k, c, h, w), generator, like)
+    for i, raw in enumerate(inits):
+        if raw is None:
+            continue
+        ra, rb = raw
+        if tuple(ra.shape) != (h, w) or tuple(rb.shape) != (c, h, w):
+            raise ConfigError(f"warm start {i} must have shapes ({h}, {w}) and ({c}, {h}, {w}), "
+                              f"got {tuple(ra.shape)} and {tuple(rb.shape)}")
+        a[i], b[i] = ra.to(like), rb.to(like)
+    return a, b
+
+
+def _uniform(shape: tuple[int, ...] | torch.Size, generator: torch.Generator, like: Tensor) -> Tensor:
+    """U(−1, 1) drawn on the generator's device, then moved to ``like``'s device and dtype."""
+    u = torch.rand(tuple(shape), generator=generator, device=generator.device, dtype=torch.float32)
+    return (2 * u - 1).to(like)
+
+
+def _trigger(state: InversionState, i: int, history: dict[str, Tensor]) -> Trigger:
+    reached = bool(torch.isfinite(state.best_l1[i]))
+    if reached:
+        a, b = state.best_a[i], state.best_b[i]
+        mask, l1 = to_mask(a), float(state.best_l1[i])
+    else:
+        a, b = state.a[i], state.b[i]
+        mask, l1 = torch.zeros_like(a), 0.0
+    return Trigger(mask, to_mask(b), l1, reached, (a.clone(), b.clone()), float(state.lam[i]), history)
+
+
+def _check_images(x: Tensor, name: str) -> None:
+    if x.dim() != 4 or len(x) == 0 or not x.is_floating_point():
+        raise ConfigError(f"{name} must be a non-empty float tensor (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
