@@ -81,6 +81,8 @@ class ClientRuntime:
 
     def plan(self, message: Message, client_state: Message, ctx: ClientContext) -> LocalTraining | None:
         """The client's declarative training, or None when it must take the general path (:meth:`run`)."""
+        if not type(self.algorithm).declarative:  # its client_update is the truth (FLIP's hardening)
+            return None
         if self.malicious(ctx) and (self.attack.changes_data or self.attack.rewrites_training):
             return None
         return self.algorithm.local_training(message, self._split(client_state, ctx)[0], ctx)

@@ -1,0 +1,300 @@
+"""FLIP (Zhang et al., ICLR 2023): benign clients harden their model with triggers inverted from it.
+
+Spec ``shared/specs/flip.md`` §2 (the client, FLIP's ``trigger_fast_train``) and §3 (the server).
+
+**Server** (§3): unchanged FedAvg. FLIP's rule ``G ← G + (η/n)·Σ_i Δ_i`` is fedtrust's defense with the
+mean aggregator and ``defense.server_lr`` = η (FLIP: 0.1); aggregation goes through
+``self.ctx.defense.merge`` so every configured aggregator applies. GUESS: fedtrust's mean is
+sample-weighted (FLIP's is unweighted, the sample count unused); kept weighted so that a FLIP run differs
+from its FedAvg baseline only in the clients' training.
+
+**Client** (§2, ``invert=true``): local SGD is replaced by hardening. Adam (betas (0.5, 0.9), lr
+``harden_lr``) on the client's data, re-batched with ``train.batch_size`` and shuffled with the client's
+generator, for at most ``train.epochs`` passes and ``max_steps`` batches:
+
+* Phase A, warm-up (first selection of the client only), batch k = 0..K−1, target t = k: one universal
+  trigger (:func:`~fedtrust.robust.inversion.invert_trigger`, ``warmup_steps`` steps) flipping one exemplar
+  per class ≠ t to t; stamped on ``warmup_portion`` of the batch's non-target images, true labels kept, one
+  Adam step. Its L1 becomes the initial distance of every pair (i, t); ``mat_diff`` is then normalised by
+  its maximum.
+* Phase B, pair hardening: a new pair (s, t) every 2 batches, random with probability
+  ``random_pair_prob`` else the argmax of ``mat_diff`` (source present, ≠ the previous source). Both
+  classes in the batch: :func:`~fedtrust.robust.inversion.invert_pair` (s→t stamped on the source images,
+  t→s on the target's, ``portion``·min(n_s, n_t) each); only the source: one s→t trigger on ``portion`` of
+  the source images. Masks warm-start from the pair's cache. No step when a mask's L1 exceeds H·W/8, else
+  one Adam step, CE on the true labels over the whole batch. ``mat_diff[s, t]`` ← (mat_diff[s, t] + g)/2
+  with g = (new − old)/old the relative growth of the pair's mask L1.
+
+Inversions start at random (spec §7.3: no knowledge of the trigger's location); all randomness (batches,
+exemplars, pairs, inversions) comes from the client's generator ``ctx.generator``. The per-client state
+(``flip/…`` keys of the executor-held client state: ``mat_diff``, ``l1``, ``seen`` and the per-pair cache
+``cache/<s>_<t>/a|b``) is checkpointed with the client store and never replied. With ``invert=false`` the
+client is FedAvg's (the configured optimizer and schedule), so FLIP off reproduces the undefended run.
+
+GUESS (spec silent): the warm-up's exemplar of each class is the first of that class in a permutation of
+the client's data drawn from its generator (classes the client lacks have none; a target with no other
+class is skipped, untrained); the image counts stamped are ⌊portion·n⌋, the first images of the class in
+batch order; "present" means ≥ 1 image for the argmax pair and > 1 for a random source; the random target
+is any class ≠ source; the second batch of a pair is "after success" when every trigger of the first
+batch reached τ_inv; ``mat_diff`` and the reference L1 of a pair move only when its trigger reached τ_inv
+(an unreached trigger is all zeros, its size unmeasured); in the symmetric case both (s, t) and (t, s) are
+updated; a pair covers the 2 batches after it is drawn, and its second batch is not trained on when it lacks the source.
+
+Attackers: the runtime trains a malicious client whose attack sets its own training (``attack.lr`` /
+``epochs`` / ...) with :meth:`local_training`, FedAvg's plan here, rewritten by the attack (spec §1: SGD);
+other malicious clients run this client on their poisoned data.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor
+
+from fedtrust.algorithms.fedavg import FedAvg
+from fedtrust.data.types import ImageSet
+from fedtrust.fl.local import load_state, local_batches
+from fedtrust.fl.protocol import ClientContext, LocalTraining, Message, TrainResult
+from fedtrust.fl.sampling import seed_global_rngs
+from fedtrust.registry import register
+from fedtrust.robust.inversion import InversionParams, Raw, Trigger, invert_pair, invert_trigger
+
+PREFIX = "flip"
+"""Prefix of FLIP's per-client state in the client's persistent state (never replied)."""
+REFINE_LAM = 1e-2
+"""λ of the second batch of a pair after the first succeeded (spec §2)."""
+
+
+@register("algorithm", "flip")
+class Flip(FedAvg):
+    """FedAvg whose benign clients train by FLIP's trigger-inversion hardening (spec flip.md §2)."""
+
+    name = "flip"
+    declarative = False
+    train_options = frozenset()
+
+    class Params(FedAvg.Params):
+        invert: bool = Field(True, description="harden by trigger inversion (false: a plain FedAvg client "
+                                               "with the configured optimizer)")
+        harden_lr: float = Field(0.01, gt=0.0, description="Adam lr of the model while hardening "
+                                                           "(FLIP: 0.01 MNIST/FMNIST, 0.001 CIFAR)")
+        max_steps: int = Field(110, ge=1, description="most batches per round, warm-up included (10 + 100)")
+        warmup_steps: int = Field(400, ge=0, description="inversion steps of each warm-up trigger")
+        pair_steps: int = Field(200, ge=0, description="inversion steps on a pair's first batch (and on its "
+                                                       "second after a failure)")
+        refine_steps: int = Field(50, ge=0, description="inversion steps on a pair's second batch after the "
+                                                        "first succeeded (at λ = 1e-2)")
+        portion: float = Field(0.5, ge=0.0, le=1.0, description="fraction of the source images stamped in "
+                                                                "pair hardening")
+        warmup_portion: float = Field(0.5, ge=0.0, le=1.0, description="fraction of the non-target images "
+                                                                       "stamped in warm-up")
+        tau_inv: float = Field(0.9, gt=0.0, le=1.0, description="attack accuracy an inversion must reach (τ_inv)")
+        random_pair_prob: float = Field(0.3, ge=0.0, le=1.0, description="probability of a random pair "
+                                                                         "instead of mat_diff's argmax")
+
+    # ---------------------------------------------------------------- client
+
+    def local_training(self, message: Message, client_state: Message, ctx: ClientContext) -> LocalTraining:
+        """FedAvg's plan: the client with ``invert=false``, and attackers that bring their own training."""
+        return super().local_training(message, client_state, ctx)
+
+    def client_update(self, message: Message, data: ImageSet, client_state: Message,
+                      ctx: ClientContext) -> tuple[Message, Message]:
+        """Harden the global model on ``data`` (module docstring); FedAvg's client with ``invert=false``."""
+        if not self.params.invert:
+            return super().client_update(message, data, client_state, ctx)
+        p, sched, k = self.params, self.ctx.schedule, self.ctx.num_classes
+        model = self.template
+        load_state(model, message.prefixed("model"), self.ctx.device)
+        model.train()
+        for q in model.parameters():
+            q.requires_grad_(True)
+        opt = torch.optim.Adam(model.parameters(), lr=p.harden_lr, betas=(0.5, 0.9))
+        seed_global_rngs(int(torch.randint(0, 2**62, (1,), generator=ctx.generator)))  # dropout, as train_locally
+        batches = local_batches(len(data), sched.batch_size, sched.epochs, None, ctx.generator)[:p.max_steps]
+        st = _State.load(client_state, k, data.x.device)
+        run = _Hardening(self, model, opt, data, ctx, st)
+        if not st.seen and batches:
+            batches = run.warmup(batches)
+        run.pairs(batches)
+        result = TrainResult(state={n: v.detach().clone() for n, v in model.state_dict().items()},
+                             num_examples=len(data), steps=run.steps, mean_loss=run.mean_loss())
+        reply, _ = self.finish(message, result, client_state, ctx)
+        reply.meta.update(run.counts)
+        st.seen = True
+        return reply, st.save(client_state)
+
+    def normalize01(self, x01: Tensor) -> Tensor:
+        """The model's input for [0, 1] pixels: ``ctx.normalize`` of ``255·x`` (it divides by 255)."""
+        return self.ctx.normalize(x01 * 255.0)
+
+
+class _State:
+    """FLIP's per-client state (spec §2 ``local_mat``), kept under ``flip/`` in the client state."""
+
+    def __init__(self, mat_diff: Tensor, l1: Tensor, seen: bool, cache: dict[tuple[int, int], Raw]) -> None:
+        self.mat_diff, self.l1, self.seen, self.cache = mat_diff, l1, seen, cache
+
+    @classmethod
+    def load(cls, client_state: Message, k: int, device: torch.device) -> "_State":
+        own = client_state.prefixed(PREFIX)
+        if "mat_diff" not in own:
+            z = torch.zeros(k, k, dtype=torch.float64, device=device)
+            return cls(z, z.clone(), False, {})
+        cache: dict[tuple[int, int], Raw] = {}
+        for key in own:
+            if key.startswith("cache/") and key.endswith("/a"):
+                s, t = map(int, key.split("/")[1].split("_"))
+                cache[(s, t)] = (own[key], own[key[:-1] + "b"])
+        return cls(own["mat_diff"].clone(), own["l1"].clone(), bool(own["seen"]), cache)
+
+    def save(self, client_state: Message) -> Message:
+        rest = {k: v for k, v in client_state.arrays.items() if not k.startswith(PREFIX + "/")}
+        mine = {"mat_diff": self.mat_diff, "l1": self.l1, "seen": torch.tensor(self.seen)}
+        for (s, t), (a, b) in sorted(self.cache.items()):
+            mine[f"cache/{s}_{t}/a"], mine[f"cache/{s}_{t}/b"] = a.detach().clone(), b.detach().clone()
+        return Message(rest | {f"{PREFIX}/{k}": v for k, v in mine.items()}, dict(client_state.meta))
+
+
+class _Hardening:
+    """One client's hardening run: the batches, the inversions, the Adam steps (spec §2)."""
+
+    def __init__(self, algo: Flip, model: torch.nn.Module, opt: torch.optim.Optimizer, data: ImageSet,
+                 ctx: ClientContext, st: _State) -> None:
+        self.algo, self.p, self.model, self.opt, self.ctx, self.st = algo, algo.params, model, opt, ctx, st
+        self.x01 = data.x.to(torch.get_default_dtype()) / 255.0
+        self.y = data.y
+        self.k = algo.ctx.num_classes
+        self.max_l1 = data.x.shape[-2] * data.x.shape[-1] / 8  # skip rule, H·W/8
+        self.losses: list[Tensor] = []
+        self.steps = 0
+        self.counts = {"flip_warmup": 0, "flip_pairs": 0, "flip_skipped": 0}
+
+    def inv(self, lam0: float) -> InversionParams:
+        return InversionParams(lam0=lam0, tau_inv=self.p.tau_inv)
+
+    def step(self, x01: Tensor, y: Tensor) -> None:
+        """One Adam step, CE on the true labels over the whole (stamped) batch."""
+        self.model.train()
+        loss = F.cross_entropy(self.model(self.algo.normalize01(x01.clamp(0, 1))), y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.losses.append(loss.detach())
+        self.steps += 1
+
+    def mean_loss(self) -> float:
+        return float(torch.stack(self.losses).mean()) if self.losses else float("nan")
+
+    # ---- phase A
+    def warmup(self, batches: list[Tensor]) -> list[Tensor]:
+        """Batches 0..K−1 with targets t = 0..K−1; returns the batches left for phase B."""
+        perm = torch.randperm(len(self.y), generator=self.ctx.generator).to(self.y.device)
+        ys = self.y[perm]
+        first = {int(c): int(perm[(ys == c).nonzero()[0, 0]]) for c in torch.unique(ys)}
+        dist = torch.zeros(self.k, dtype=torch.float64, device=self.st.mat_diff.device)
+        done = min(self.k, len(batches))
+        for t, idx in enumerate(batches[:done]):
+            ex = [i for c, i in sorted(first.items()) if c != t]
+            if not ex:
+                continue
+            trig = invert_trigger(self.model, self.x01[ex], t, self.p.warmup_steps, self.ctx.generator,
+                                  normalize=self.algo.normalize01, params=self.inv(1e-3))
+            self.counts["flip_warmup"] += 1
+            x, y = self.x01[idx].clone(), self.y[idx]
+            others = (y != t).nonzero().flatten()
+            chosen = others[:int(self.p.warmup_portion * len(others))]
+            x[chosen] = trig.stamp(x[chosen])
+            self.step(x, y)
+            dist[t] = trig.l1
+        mat = dist.expand(self.k, self.k).clone()
+        mat.fill_diagonal_(0)
+        self.st.l1 = mat.clone()
+        top = mat.max()
+        self.st.mat_diff = mat / top if top > 0 else mat
+        return batches[done:]
+
+    # ---- phase B
+    def pick(self, counts: Tensor, prev: int | None) -> tuple[int, int] | None:
+        """A new pair (source, target) for a batch with class ``counts``, or None if no source fits."""
+        g = self.ctx.generator
+        if float(torch.rand((), generator=g)) < self.p.random_pair_prob:
+            sources = (counts > 1).nonzero().flatten().tolist()
+            if sources:
+                s = sources[int(torch.randint(len(sources), (), generator=g))]
+                t = int(torch.randint(self.k - 1, (), generator=g))
+                return s, t + (t >= s)
+        score = self.st.mat_diff.clone()
+        score.fill_diagonal_(-math.inf)
+        valid = counts > 0
+        if prev is not None:
+            valid[prev] = False
+        score[~valid.to(score.device)] = -math.inf
+        if not torch.isfinite(score).any():
+            return None
+        flat = int(score.flatten().argmax())
+        return flat // self.k, flat % self.k
+
+    def pairs(self, batches: list[Tensor]) -> None:
+        pair, used, prev, ok_first = None, 0, None, False
+        for idx in batches:
+            y = self.y[idx]
+            counts = torch.bincount(y, minlength=self.k).cpu()
+            if pair is None or used == 2:
+                pair, used = self.pick(counts, prev), 0
+                if pair is None:
+                    self.counts["flip_skipped"] += 1
+                    continue
+                prev = pair[0]
+                self.counts["flip_pairs"] += 1
+            s, t = pair
+            used += 1
+            if counts[s] == 0:  # a batch without the source is not trained on (the pair's 2nd batch)
+                self.counts["flip_skipped"] += 1
+                continue
+            steps, lam = ((self.p.refine_steps, REFINE_LAM) if used == 2 and ok_first
+                          else (self.p.pair_steps, 1e-3))
+            reached = self.harden(idx, s, t, counts, steps, lam)
+            ok_first = reached if used == 1 else ok_first
+
+    def harden(self, idx: Tensor, s: int, t: int, counts: Tensor, steps: int, lam: float) -> bool:
+        """Invert the pair on this batch, update the pair's state, stamp and step; whether all reached τ_inv."""
+        x, y = self.x01[idx].clone(), self.y[idx]
+        src, tgt = (y == s).nonzero().flatten(), (y == t).nonzero().flatten()
+        g, norm = self.ctx.generator, self.algo.normalize01
+        if counts[t] > 0:
+            pair = invert_pair(self.model, x[src], x[tgt], s, t, steps, g, normalize=norm, params=self.inv(lam),
+                               init=(self.st.cache.get((s, t)), self.st.cache.get((t, s))))
+            n = int(self.p.portion * min(len(src), len(tgt)))
+            plan = [((s, t), pair.s_to_t, src[:n]), ((t, s), pair.t_to_s, tgt[:n])]
+        else:
+            trig = invert_trigger(self.model, x[src], t, steps, g, normalize=norm, params=self.inv(lam),
+                                  init=self.st.cache.get((s, t)))
+            plan = [((s, t), trig, src[:int(self.p.portion * len(src))])]
+        for key, trig, chosen in plan:
+            self.record(key, trig)
+            x[chosen] = trig.stamp(x[chosen])
+        if any(trig.l1 > self.max_l1 for _, trig, _ in plan):  # skip rule: trigger too large
+            self.counts["flip_skipped"] += 1
+        else:
+            self.step(x, y)
+        return all(trig.reached for _, trig, _ in plan)
+
+    def record(self, key: tuple[int, int], trig: Trigger) -> None:
+        """Cache the pair's raw variables; move ``mat_diff`` by the relative growth of its mask L1."""
+        self.st.cache[key] = trig.raw
+        if not trig.reached:
+            return
+        old = float(self.st.l1[key])
+        growth = (trig.l1 - old) / old if old > 0 else 0.0
+        self.st.mat_diff[key] = (self.st.mat_diff[key] + growth) / 2
+        self.st.l1[key] = trig.l1
+
+
+def flip_state(client_state: Message) -> dict[str, Any]:
+    """FLIP's part of a client state, prefix stripped (for inspection and tests)."""
+    return client_state.prefixed(PREFIX)

@@ -1,0 +1,114 @@
+"""FLIP (spec flip.md §2): the hardening client's state, warm-up, determinism, and FLIP-off = FedAvg."""
+
+import pytest
+import torch
+
+import fedtrust
+import fedtrust.algorithms.flip  # noqa: F401  (import registers)
+from fedtrust.algorithms.flip import flip_state
+from fedtrust.fl.executor import ClientStore
+from fedtrust.fl.protocol import ClientContext
+from fedtrust.runner.config import build_config
+from fedtrust.runner.federation import build_federation
+
+SMALL = ["algorithm.name=flip", "algorithm.warmup_steps=40", "algorithm.pair_steps=20", "algorithm.refine_steps=5",
+         "algorithm.tau_inv=0.3"]
+
+
+def federation(*overrides):
+    cfg = build_config({}, ["data.num_clients=20", "data.clients_per_round=4", "eval.personalized=false",
+                            *SMALL, *overrides])
+    return build_federation(cfg)
+
+
+def visit(fed, state, client, round, client_state):
+    ctx = ClientContext(client, round, torch.Generator().manual_seed(100 * round + client), fed.device)
+    message = fed.algorithm.configure(state, round, [client])[client]
+    return fed.algorithm.client_update(message, fed.data.client(client), client_state, ctx)
+
+
+def two_visits(fed, client=1):
+    """Client ``client`` selected in rounds 1 and 2, its state carried by a client store."""
+    torch.manual_seed(0)
+    state = fed.algorithm.init()
+    store = ClientStore()
+    out = []
+    for r in (1, 2):
+        reply, new = visit(fed, state, client, r, store.get(client))
+        store.set(client, new)
+        out.append((reply, new))
+    return out
+
+
+def test_state_holds_flip_matrices_and_cache_the_reply_only_the_model(one_thread):
+    """Rules out: FLIP state leaking into the reply (the server would average it), state in module globals
+    (a second client store would see it), a warm-up matrix not normalised by its max or not column-wise."""
+    fed = federation()
+    (r1, s1), (r2, s2) = two_visits(fed)
+    model_keys = {f"model/{k}" for k in fed.algorithm.template.state_dict()}
+    for reply in (r1, r2):
+        assert set(reply.arrays) == model_keys, "the reply must hold only the model"
+        assert reply.meta["num_examples"] == len(fed.data.indices[1]) and reply.meta["steps"] >= 1
+    st = flip_state(s1)
+    k = fed.algorithm.ctx.num_classes
+    assert st["mat_diff"].shape == (k, k) and bool(st["seen"])
+    mat = st["mat_diff"]
+    assert float(mat.max()) == 1.0, "warm-up distances are normalised by their maximum"
+    assert torch.all(mat.diagonal() == 0)
+    off = ~torch.eye(k, dtype=torch.bool)
+    for t in range(k):  # the warm-up trigger of target t sets every pair (i, t) to one value
+        assert len(set(mat[:, t][off[:, t]].tolist())) == 1, t
+    caches = [key for key in flip_state(s2) if key.startswith("cache/")]
+    assert caches and all(key.endswith(("/a", "/b")) for key in caches), "phase B caches each pair's raw (a, b)"
+    a = flip_state(s2)[caches[0][:-1] + "a"]
+    assert a.shape == fed.data.train.x.shape[-2:]
+    # a fresh store knows nothing of the first: no module-level state
+    _, fresh = visit(fed, fed.algorithm.init(), 1, 2, ClientStore().get(1))
+    assert not any(key.startswith("flip/cache/") for key in fresh.arrays)
+
+
+def test_warmup_runs_only_on_a_clients_first_selection(one_thread):
+    """Rules out: warming up every round (or never), and phase B running before the warm-up's batches."""
+    fed = federation()
+    (r1, _), (r2, _) = two_visits(fed)
+    k = fed.algorithm.ctx.num_classes
+    batches = -(-len(fed.data.indices[1]) // fed.algorithm.ctx.schedule.batch_size)
+    assert batches < k  # so the first visit is warm-up only: one inversion per batch, target = batch index
+    assert r1.meta["flip_warmup"] == batches and r1.meta["flip_pairs"] == 0
+    assert r2.meta["flip_warmup"] == 0 and r2.meta["flip_pairs"] > 0
+    # the same round-2 visit without the stored state warms up again
+    torch.manual_seed(0)
+    state = fed.algorithm.init()
+    again, _ = visit(fed, state, 1, 2, ClientStore().get(1))
+    assert again.meta["flip_warmup"] > 0
+
+
+def test_same_seed_same_numbers(one_thread):
+    """Rules out: randomness outside ``ctx.generator`` (global RNG, unseeded draws)."""
+    first, second = two_visits(federation()), two_visits(federation())
+    for (ra, sa), (rb, sb) in zip(first, second):
+        assert ra.meta == rb.meta
+        assert sa.arrays.keys() == sb.arrays.keys()
+        for key in ra.arrays:
+            assert torch.equal(ra.arrays[key], rb.arrays[key]), key
+        for key in sa.arrays:
+            assert torch.equal(sa.arrays[key], sb.arrays[key]), key
+    # and the hardening changed the model differently from FedAvg's client
+    plain = two_visits(federation("algorithm.invert=false"))
+    assert not torch.equal(first[0][0].arrays["model/head.weight"], plain[0][0].arrays["model/head.weight"])
+    assert not any(k.startswith("flip/") for k in plain[1][1].arrays), "FLIP off keeps no FLIP state"
+
+
+def test_invert_false_reproduces_fedavg_exactly(tmp_path, one_thread):
+    """FLIP off (τ = 0) is the undefended run (spec §6): same metrics, same final weights, bit for bit.
+    Rules out: FLIP off still swapping the optimizer, re-batching differently, or drawing extra numbers."""
+    common = ["rounds=2", "eval.every=2", "eval.personalized=false", "executor=sequential", "data.num_clients=6",
+              "data.clients_per_round=3", "checkpoint_every=0"]
+    avg = fedtrust.run(None, common + [f"out={tmp_path / 'avg'}"], progress=False, report=False)
+    off = fedtrust.run(None, common + ["algorithm.name=flip", "algorithm.invert=false", f"out={tmp_path / 'off'}"],
+                       progress=False, report=False)
+    for key in ("test_acc", "test_loss", "train_loss", "ece", "class_acc"):
+        assert avg.summary[key] == off.summary[key], key
+    assert avg.state.arrays.keys() == off.state.arrays.keys()
+    for key, v in avg.state.arrays.items():
+        assert torch.equal(v, off.state.arrays[key]), key
