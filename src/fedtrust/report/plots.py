@@ -161,6 +161,28 @@ def curves_png(runs: Sequence[RunData]) -> bytes | None:
     return _png(fig)
 
 
+def backdoor_png(runs: Sequence[RunData]) -> bytes | None:
+    """Attack success rate and clean accuracy per evaluated round, runs side by side (two panels); dashed:
+    the same under FLIP's τ-rejection (``asr_tau``, ``acc_tau``) where the run has them. None without ASR."""
+    if not any(run.series("asr")[0] for run in runs):
+        return None
+    fig = _figure(11, 4)
+    ax_asr, ax_acc = fig.subplots(1, 2)
+    for i, run in enumerate(runs):
+        for ax, key, tau_key in ((ax_asr, "asr", "asr_tau"), (ax_acc, "test_acc", "acc_tau")):
+            for k, style, suffix in ((key, "-", ""), (tau_key, "--", " · τ-rejection")):
+                rounds, values = run.series(k)
+                if rounds and run.series("asr")[0]:
+                    ax.plot(rounds, _pct(values), color=_color(i), linestyle=style, marker="o" if len(rounds) <= 40
+                            else None, markersize=3, label=run.label + suffix)
+    for ax, what in ((ax_asr, "attack success rate"), (ax_acc, "clean accuracy")):
+        ax.set(xlabel="round", ylabel=f"{what} (%)", title=f"{what} per round", ylim=(-2, 102))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        _legend(ax)
+    return _png(fig)
+
+
 # --- (2) per-client accuracy -------------------------------------------------
 
 
@@ -575,6 +597,9 @@ def make_plots(runs: Sequence[RunData]) -> list[Plot]:
 
     add("curves", "Training curves", "Test accuracy (eval rounds) and train loss per round"
         + (", runs overlaid." if several else "."), curves_png(runs))
+    add("backdoor", "Backdoor", "Attack success rate (stamped non-target test images predicted as the target) "
+        "and clean accuracy per evaluated round; dashed: counting only predictions whose top-1 probability "
+        "reaches the rejection threshold τ (FLIP), where set.", backdoor_png(runs))
     add("client_acc", "Per-client accuracy", "Personalized accuracy of each client at the final evaluation, "
         "sorted; the dashed line is the mean over clients with a test set.", client_acc_png(runs))
     for k, group in enumerate(_partition_groups(runs)):
