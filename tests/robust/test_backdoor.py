@@ -158,3 +158,22 @@ def test_neurotoxin_keeps_its_memory_on_the_client_and_projects_every_step():
     rest = torch.ones_like(update, dtype=torch.bool)
     rest[top] = False
     assert float(update[rest].abs().mean()) > 0
+
+
+def test_a_schedule_gives_each_round_its_own_attackers_and_forces_them_in():
+    """Single-shot (FLIP spec §1): attacker 3 in round 2 only, attacker 7 in round 4 only; with force the
+    sampler puts exactly the scheduled attacker into its round."""
+    from fedtrust.runner.config import build_config
+    from fedtrust.runner.federation import build_federation
+
+    cfg = build_config({}, ["data.num_clients=20", "data.clients_per_round=4", "attack.name=backdoor",
+                            "attack.schedule={2: [3], 4: [7]}", "attack.force=true", "attack.scale=5"])
+    fed = build_federation(cfg)
+    attack = fed.executor.runtime.attack
+    assert attack.targets.clients == frozenset({3, 7})
+    assert [(c, r) for c in (3, 7) for r in range(1, 6) if attack.attacks(c, r)] == [(3, 2), (7, 4)]
+    assert 3 in fed.executor.sample(2) and 7 in fed.executor.sample(4)
+    with pytest.raises(ConfigError, match="attack.schedule.*drop attack.ids"):
+        build_config({}, ["attack.name=backdoor", "attack.schedule={2: [3]}", "attack.ids=[1]"])
+    with pytest.raises(ConfigError, match="attack.schedule.*at least one attacker"):
+        build_config({}, ["attack.name=backdoor", "attack.schedule={2: []}"])

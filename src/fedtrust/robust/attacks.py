@@ -69,11 +69,16 @@ class Targets:
     last: int | None = None
     force: bool = False
     """Force the attackers into the sample of each attack round (``attack.force``)."""
+    schedule: Mapping[int, frozenset[int]] | None = None
+    """Round → the attackers that attack in it (``attack.schedule``: single-shot attacks, one attacker a
+    round); when set it alone says who attacks when."""
 
     def attacks(self, client: int, round: int) -> bool:
         """True when ``client`` is malicious and ``round`` is one of its attack rounds."""
         if client not in self.clients:
             return False
+        if self.schedule is not None:
+            return client in self.schedule.get(round, frozenset())
         if self.rounds is not None:
             return round in self.rounds
         return round >= self.first and (self.last is None or round <= self.last)
@@ -278,9 +283,13 @@ class MinSum(Omniscient):
 
 def build_attack(name: str, params: dict[str, Any], *, ids: list[int] | None, fraction: float,
                  rounds: list[int] | None, first: int, last: int | None, num_clients: int, num_classes: int,
-                 seed: int, force: bool = False) -> Attack:
+                 seed: int, force: bool = False, schedule: Mapping[int, list[int]] | None = None) -> Attack:
     """The configured attack with its targets; ids out of range are a one-line ConfigError."""
     cls = get("attack", name)
+    plan = None
+    if schedule is not None:
+        plan = {int(r): frozenset(int(c) for c in cs) for r, cs in schedule.items()}
+        ids = sorted(set().union(*plan.values()))
     if ids is not None:
         bad = [c for c in ids if not 0 <= c < num_clients]
         if bad:
@@ -288,5 +297,6 @@ def build_attack(name: str, params: dict[str, Any], *, ids: list[int] | None, fr
         clients = sorted(set(ids))
     else:
         clients = choose_attackers(num_clients, fraction, seed)
-    targets = Targets(frozenset(clients), frozenset(rounds) if rounds is not None else None, first, last, force)
+    targets = Targets(frozenset(clients), frozenset(rounds) if rounds is not None else None, first, last, force,
+                      plan)
     return cls(cls.Params(**params), targets, num_classes, num_clients)

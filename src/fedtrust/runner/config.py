@@ -204,6 +204,9 @@ class AttackConfig(BaseModel):
     rounds: list[int] | None = Field(None, description="the rounds the attackers attack; null: from..to")
     start: int = Field(1, ge=1, alias="from", description="first attack round (when rounds is null)")
     to: int | None = Field(None, ge=1, description="last attack round (when rounds is null); null: the last round")
+    schedule: dict[int, list[int]] | None = Field(
+        None, description="round -> the client ids that attack in it (single-shot: one attacker a round); "
+                          "instead of ids/fraction and rounds/from/to")
     force: bool = Field(False, description="force the attackers into the sample of every attack round "
                                            "(else they attack when the sampler picks them)")
 
@@ -218,6 +221,16 @@ class AttackConfig(BaseModel):
                                   f"(set attack.name; `fedtrust list attack`)")
             return self
         _check_params("attack", self.name, get("attack", self.name).Params, self.params())
+        if self.schedule is not None:
+            clash = [k for k, v in (("ids", self.ids), ("fraction", self.fraction or None),
+                                    ("rounds", self.rounds), ("to", self.to)) if v is not None]
+            if clash or self.start != 1:
+                raise ConfigError(f"config key 'attack.schedule' says who attacks when; drop attack."
+                                  f"{(clash or ['from'])[0]}")
+            if not self.schedule or any(r < 1 or not ids for r, ids in self.schedule.items()):
+                raise ConfigError("config key 'attack.schedule': expected {round >= 1: [client ids, ...]}, "
+                                  "each round with at least one attacker")
+            return self
         if self.ids is None and self.fraction == 0:
             raise ConfigError(f"attack {self.name!r} has no attackers: set attack.fraction (0..1] or attack.ids")
         if self.to is not None and self.to < self.start:

@@ -236,7 +236,7 @@ def build_run_attack(cfg: RunConfig, num_classes: int) -> Attack | None:
         return None
     return build_attack(a.name, a.params(), ids=a.ids, fraction=a.fraction, rounds=a.rounds, first=a.start,
                         last=a.to, num_clients=cfg.data.num_clients, num_classes=num_classes, seed=cfg.seed,
-                        force=a.force)
+                        force=a.force, schedule=a.schedule)
 
 
 def hold_out_root(train: ImageSet, size: int, seed: int) -> tuple[ImageSet, ImageSet | None]:
