@@ -1,6 +1,5 @@
 """FLIP (spec flip.md §2): the hardening client's state, warm-up, determinism, and FLIP-off = FedAvg."""
 
-import pytest
 import torch
 
 import fedtrust
