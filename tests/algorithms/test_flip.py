@@ -1,5 +1,6 @@
 """FLIP (spec flip.md §2): the hardening client's state, warm-up, determinism, and FLIP-off = FedAvg."""
 
+import pytest
 import torch
 
 import fedtrust
@@ -111,3 +112,42 @@ def test_invert_false_reproduces_fedavg_exactly(tmp_path, one_thread):
     assert avg.state.arrays.keys() == off.state.arrays.keys()
     for key, v in avg.state.arrays.items():
         assert torch.equal(v, off.state.arrays[key]), key
+
+
+@pytest.mark.slow
+def test_vectorized_batches_the_inversions_and_equals_sequential_in_float64(float64, one_thread, monkeypatch):
+    """The vectorised executor runs the round's hardening programs in lock-step, each tick's inversions in
+    one vmapped solve across clients; in float64 it equals the sequential executor (one client at a time).
+    An attacker (client 1, DBA) trains on the side, as FedAvg's poisoned client.
+    Rules out: batched inversions that mix clients' images, weights or generators, a client program sharing
+    the template model with another, and a lock-step that reorders a client's own draws."""
+    from fedtrust.fl.executor import SequentialExecutor
+    from fedtrust.fl.vectorized import VectorizedExecutor
+    from fedtrust.robust.inversion import InversionJob
+
+    cfg = build_config({}, ["data.num_clients=6", "data.clients_per_round=4", "data.min_size=20",
+                            "eval.personalized=false", *SMALL, "attack.name=backdoor", "attack.ids=[1]",
+                            "attack.force=true"])
+    fed = build_federation(cfg)
+    torch.manual_seed(0)
+    start = fed.algorithm.init()
+    sizes = []
+    solve = InversionJob.solve_batch.__func__
+
+    def spy(cls, jobs):
+        sizes.append(len(jobs))
+        return solve(cls, jobs)
+
+    monkeypatch.setattr(InversionJob, "solve_batch", classmethod(spy))
+    attack = fed.executor.attack
+    assert attack is not None
+    seq = SequentialExecutor(fed.algorithm, fed.data, cfg.seed, fed.device, 4, attack=attack)
+    a = seq.run(start, ClientStore(), 0, 2)
+    assert set(sizes) == {1}
+    sizes.clear()
+    vec = VectorizedExecutor(fed.algorithm, fed.data, cfg.seed, fed.device, 4, attack=attack)
+    b = vec.run(start, ClientStore(), 0, 2)
+    assert max(sizes) >= 3, f"the 3 benign clients' inversions were not batched: batch sizes {sorted(set(sizes))}"
+    for k in a.arrays:
+        assert torch.allclose(a.arrays[k], b.arrays[k], atol=1e-9, rtol=1e-7), k
+    assert any(not torch.equal(a.arrays[k], start.arrays[k]) for k in a.arrays), "nothing trained"

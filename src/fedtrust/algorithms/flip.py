@@ -47,7 +47,9 @@ other malicious clients run this client on their poisoned data.
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Generator
 from typing import Any
 
 import torch
@@ -58,13 +60,16 @@ from torch import Tensor
 from fedtrust.algorithms.fedavg import FedAvg
 from fedtrust.data.types import ImageSet
 from fedtrust.fl.local import load_state, local_batches
+from fedtrust.fl.programs import ClientProgram, run_program
 from fedtrust.fl.protocol import ClientContext, LocalTraining, Message, TrainResult
 from fedtrust.fl.sampling import seed_global_rngs
 from fedtrust.registry import register
-from fedtrust.robust.inversion import InversionParams, Raw, Trigger, invert_pair, invert_trigger
+from fedtrust.robust.inversion import InversionJob, InversionParams, Raw, Trigger
 
 PREFIX = "flip"
 """Prefix of FLIP's per-client state in the client's persistent state (never replied)."""
+COUNTS = ("flip_warmup", "flip_pairs", "flip_skipped")
+"""Per-client hardening counts in the reply's meta: warm-up triggers, pairs drawn, batches not trained on."""
 REFINE_LAM = 1e-2
 """λ of the second batch of a pair after the first succeeded (spec §2)."""
 
@@ -95,6 +100,9 @@ class Flip(FedAvg):
         tau_inv: float = Field(0.9, gt=0.0, le=1.0, description="attack accuracy an inversion must reach (τ_inv)")
         random_pair_prob: float = Field(0.3, ge=0.0, le=1.0, description="probability of a random pair "
                                                                          "instead of mat_diff's argmax")
+        max_mask_frac: float = Field(0.125, gt=0.0, le=1.0, description="skip rule: no step on a batch whose "
+                                                                        "trigger's L1 exceeds this fraction of "
+                                                                        "H·W (FLIP: 1/8)")
 
     # ---------------------------------------------------------------- client
 
@@ -105,28 +113,49 @@ class Flip(FedAvg):
     def client_update(self, message: Message, data: ImageSet, client_state: Message,
                       ctx: ClientContext) -> tuple[Message, Message]:
         """Harden the global model on ``data`` (module docstring); FedAvg's client with ``invert=false``."""
-        if not self.params.invert:
+        program = self.client_program(message, data, client_state, ctx)
+        if program is None:
             return super().client_update(message, data, client_state, ctx)
+        return run_program(program)
+
+    def client_program(self, message: Message, data: ImageSet, client_state: Message,
+                       ctx: ClientContext) -> ClientProgram | None:
+        """The hardening as a program whose inversions the vectorised executor batches across clients
+        (:mod:`fedtrust.fl.programs`); None with ``invert=false`` (FedAvg's declarative client)."""
+        if not self.params.invert:
+            return None
+        return self._harden(message, data, client_state, ctx)
+
+    def _harden(self, message: Message, data: ImageSet, client_state: Message,
+                ctx: ClientContext) -> ClientProgram:
         p, sched, k = self.params, self.ctx.schedule, self.ctx.num_classes
-        model = self.template
+        model = copy.deepcopy(self.template)  # its own copy: programs of several clients interleave
         load_state(model, message.prefixed("model"), self.ctx.device)
         model.train()
         for q in model.parameters():
             q.requires_grad_(True)
         opt = torch.optim.Adam(model.parameters(), lr=p.harden_lr, betas=(0.5, 0.9))
-        seed_global_rngs(int(torch.randint(0, 2**62, (1,), generator=ctx.generator)))  # dropout, as train_locally
         batches = local_batches(len(data), sched.batch_size, sched.epochs, None, ctx.generator)[:p.max_steps]
         st = _State.load(client_state, k, data.x.device)
         run = _Hardening(self, model, opt, data, ctx, st)
         if not st.seen and batches:
-            batches = run.warmup(batches)
-        run.pairs(batches)
+            batches = yield from run.warmup(batches)
+        yield from run.pairs(batches)
         result = TrainResult(state={n: v.detach().clone() for n, v in model.state_dict().items()},
                              num_examples=len(data), steps=run.steps, mean_loss=run.mean_loss())
         reply, _ = self.finish(message, result, client_state, ctx)
         reply.meta.update(run.counts)
         st.seen = True
         return reply, st.save(client_state)
+
+    def aggregate(self, state: Message, replies: dict[int, Message], round: int) -> tuple[Message, dict[str, Any]]:
+        """FedAvg's aggregate, plus the round's hardening counts summed over the replies (``flip`` metrics)."""
+        new, metrics = super().aggregate(state, replies, round)
+        keys = ("steps", *COUNTS)
+        sums = {k: sum(int(r.meta.get(k, 0)) for r in replies.values()) for k in keys}
+        if any(sums[k] for k in COUNTS):
+            metrics = {**metrics, "flip": sums}
+        return new, metrics
 
     def normalize01(self, x01: Tensor) -> Tensor:
         """The model's input for [0, 1] pixels: ``ctx.normalize`` of ``255·x`` (it divides by 255)."""
@@ -169,17 +198,31 @@ class _Hardening:
         self.x01 = data.x.to(torch.get_default_dtype()) / 255.0
         self.y = data.y
         self.k = algo.ctx.num_classes
-        self.max_l1 = data.x.shape[-2] * data.x.shape[-1] / 8  # skip rule, H·W/8
+        self.max_l1 = data.x.shape[-2] * data.x.shape[-1] * self.p.max_mask_frac  # skip rule (FLIP: H·W/8)
+        self.inv = InversionParams(tau_inv=self.p.tau_inv)
+        self.dropout = any(isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in model.modules())
         self.losses: list[Tensor] = []
         self.steps = 0
-        self.counts = {"flip_warmup": 0, "flip_pairs": 0, "flip_skipped": 0}
+        self.counts = dict.fromkeys(COUNTS, 0)
 
-    def inv(self, lam0: float) -> InversionParams:
-        return InversionParams(lam0=lam0, tau_inv=self.p.tau_inv)
+    def job(self, images: Tensor, group: Tensor, targets: list[int], steps: int, lam0: float,
+            inits: list[Raw | None]) -> InversionJob:
+        """An inversion of ``len(targets)`` triggers on the current model (trigger i stamps the images of
+        ``group`` i and aims at ``targets[i]``), for the program's driver to solve."""
+        group = group.to(images.device)
+        weights = {n: v.detach().clone() for n, v in [*self.model.named_parameters(), *self.model.named_buffers()]}
+        return InversionJob(self.algo.template, weights, images, group,
+                            torch.tensor(targets, device=images.device)[group], len(targets), steps,
+                            self.ctx.generator, lam0, inits, self.algo.normalize01, self.inv)
 
     def step(self, x01: Tensor, y: Tensor) -> None:
-        """One Adam step, CE on the true labels over the whole (stamped) batch."""
+        """One Adam step, CE on the true labels over the whole (stamped) batch.
+
+        A model with dropout draws it from the global RNG, seeded here from the client's generator: programs
+        of several clients interleave, so the global RNG's state must not carry from one client to another."""
         self.model.train()
+        if self.dropout:
+            seed_global_rngs(int(torch.randint(0, 2**62, (1,), generator=self.ctx.generator)))
         loss = F.cross_entropy(self.model(self.algo.normalize01(x01.clamp(0, 1))), y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -191,7 +234,7 @@ class _Hardening:
         return float(torch.stack(self.losses).mean()) if self.losses else float("nan")
 
     # ---- phase A
-    def warmup(self, batches: list[Tensor]) -> list[Tensor]:
+    def warmup(self, batches: list[Tensor]) -> Generator[InversionJob, list[Trigger], list[Tensor]]:
         """Batches 0..K−1 with targets t = 0..K−1; returns the batches left for phase B."""
         perm = torch.randperm(len(self.y), generator=self.ctx.generator).to(self.y.device)
         ys = self.y[perm]
@@ -202,15 +245,19 @@ class _Hardening:
             ex = [i for c, i in sorted(first.items()) if c != t]
             if not ex:
                 continue
-            trig = invert_trigger(self.model, self.x01[ex], t, self.p.warmup_steps, self.ctx.generator,
-                                  normalize=self.algo.normalize01, params=self.inv(1e-3))
+            images = self.x01[ex]
+            (trig,) = yield self.job(images, torch.zeros(len(ex), dtype=torch.int64), [t], self.p.warmup_steps,
+                                     1e-3, [None])
             self.counts["flip_warmup"] += 1
+            dist[t] = trig.l1
+            if trig.l1 > self.max_l1:  # skip rule, here too (module docstring)
+                self.counts["flip_skipped"] += 1
+                continue
             x, y = self.x01[idx].clone(), self.y[idx]
             others = (y != t).nonzero().flatten()
             chosen = others[:int(self.p.warmup_portion * len(others))]
             x[chosen] = trig.stamp(x[chosen])
             self.step(x, y)
-            dist[t] = trig.l1
         mat = dist.expand(self.k, self.k).clone()
         mat.fill_diagonal_(0)
         self.st.l1 = mat.clone()
@@ -239,7 +286,7 @@ class _Hardening:
         flat = int(score.flatten().argmax())
         return flat // self.k, flat % self.k
 
-    def pairs(self, batches: list[Tensor]) -> None:
+    def pairs(self, batches: list[Tensor]) -> Generator[InversionJob, list[Trigger], None]:
         pair, used, prev, ok_first = None, 0, None, False
         for idx in batches:
             y = self.y[idx]
@@ -258,22 +305,23 @@ class _Hardening:
                 continue
             steps, lam = ((self.p.refine_steps, REFINE_LAM) if used == 2 and ok_first
                           else (self.p.pair_steps, 1e-3))
-            reached = self.harden(idx, s, t, counts, steps, lam)
+            reached = yield from self.harden(idx, s, t, counts, steps, lam)
             ok_first = reached if used == 1 else ok_first
 
-    def harden(self, idx: Tensor, s: int, t: int, counts: Tensor, steps: int, lam: float) -> bool:
+    def harden(self, idx: Tensor, s: int, t: int, counts: Tensor, steps: int,
+               lam: float) -> Generator[InversionJob, list[Trigger], bool]:
         """Invert the pair on this batch, update the pair's state, stamp and step; whether all reached τ_inv."""
         x, y = self.x01[idx].clone(), self.y[idx]
         src, tgt = (y == s).nonzero().flatten(), (y == t).nonzero().flatten()
-        g, norm = self.ctx.generator, self.algo.normalize01
-        if counts[t] > 0:
-            pair = invert_pair(self.model, x[src], x[tgt], s, t, steps, g, normalize=norm, params=self.inv(lam),
-                               init=(self.st.cache.get((s, t)), self.st.cache.get((t, s))))
+        if counts[t] > 0:  # symmetric: s→t on the source images, t→s on the target's (FLIP's TriggerCombo)
+            group = torch.cat([torch.zeros(len(src), dtype=torch.int64), torch.ones(len(tgt), dtype=torch.int64)])
+            st_, ts_ = yield self.job(torch.cat([x[src], x[tgt]]), group, [t, s], steps, lam,
+                                      [self.st.cache.get((s, t)), self.st.cache.get((t, s))])
             n = int(self.p.portion * min(len(src), len(tgt)))
-            plan = [((s, t), pair.s_to_t, src[:n]), ((t, s), pair.t_to_s, tgt[:n])]
+            plan = [((s, t), st_, src[:n]), ((t, s), ts_, tgt[:n])]
         else:
-            trig = invert_trigger(self.model, x[src], t, steps, g, normalize=norm, params=self.inv(lam),
-                                  init=self.st.cache.get((s, t)))
+            (trig,) = yield self.job(x[src], torch.zeros(len(src), dtype=torch.int64), [t], steps, lam,
+                                     [self.st.cache.get((s, t))])
             plan = [((s, t), trig, src[:int(self.p.portion * len(src))])]
         for key, trig, chosen in plan:
             self.record(key, trig)

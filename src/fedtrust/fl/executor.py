@@ -78,7 +78,7 @@ class RoundReport:
     def train_loss(self) -> float | None:
         """Sample-weighted mean of the clients' mean local losses."""
         pairs = [(m.get("loss"), m.get("num_examples", 0)) for m in self.reply_meta.values()]
-        pairs = [(l, n) for l, n in pairs if l is not None and n > 0]
+        pairs = [(l, n) for l, n in pairs if l is not None and l == l and n > 0]  # NaN: no step taken
         total = sum(n for _, n in pairs)
         return sum(l * n for l, n in pairs) / total if total else None
 

@@ -24,6 +24,7 @@ from fedtrust.fl.types import (  # noqa: F401  (re-exported: the protocol's voca
 )
 
 if TYPE_CHECKING:
+    from fedtrust.fl.programs import ClientProgram
     from fedtrust.fl.context import AlgorithmContext
 
 OPTIM = "optim"
@@ -138,4 +139,11 @@ class Algorithm:
             raise NotImplementedError(f"algorithm {self.name!r} defines neither local_training nor client_update")
         result = local.train_locally(plan, data, ctx, self.ctx.normalize)
         return self.finish(message, result, client_state, ctx)
+
+    def client_program(self, message: Message, data: ImageSet, client_state: Message,
+                       ctx: ClientContext) -> "ClientProgram | None":
+        """The general client path as a program of batchable requests (:mod:`fedtrust.fl.programs`), which
+        the vectorised executor runs in lock-step across the round's clients; None (default): no program,
+        ``client_update`` runs alone. An algorithm with a program makes ``client_update`` run it."""
+        return None
 

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from fedtrust.data.types import ImageSet
 from fedtrust.fl.local import plan_list, train_locally
+from fedtrust.fl.programs import ClientProgram, run_programs
 from fedtrust.fl.protocol import Algorithm
 from fedtrust.fl.types import ClientContext, LocalTraining, Message, TrainResult, with_prefix
 from fedtrust.robust.attacks import Attack
@@ -78,6 +79,27 @@ class ClientRuntime:
             reply, state = self.algorithm.client_update(message, data, own, ctx)
         reply = self.attack.poison_reply(message, reply, ctx) if bad else reply
         return reply, self._merge(message, state, attack_state, ctx)
+
+    def run_together(self, jobs: dict[int, tuple[Message, ImageSet, Message, ClientContext]]
+                     ) -> dict[int, tuple[Message, Message]]:
+        """:meth:`run` for several clients of a round (``client -> (message, data, state, ctx)``): benign
+        clients whose algorithm has a :meth:`~fedtrust.fl.protocol.Algorithm.client_program` run their
+        programs in lock-step, their requests batched (:func:`~fedtrust.fl.programs.run_programs`); the
+        others (attacking clients, algorithms without a program) run one after another."""
+        out: dict[int, tuple[Message, Message]] = {}
+        programs: dict[int, ClientProgram] = {}
+        kept: dict[int, tuple[Message, dict[str, Tensor], ClientContext]] = {}
+        for c, (message, data, client_state, ctx) in sorted(jobs.items()):
+            own, attack_state = self._split(client_state, ctx)
+            program = None if self.malicious(ctx) else self.algorithm.client_program(message, data, own, ctx)
+            if program is None:
+                out[c] = self.run(message, data, client_state, ctx)
+            else:
+                programs[c], kept[c] = program, (message, attack_state, ctx)
+        for c, (reply, state) in run_programs(programs).items():
+            message, attack_state, ctx = kept[c]
+            out[c] = reply, self._merge(message, state, attack_state, ctx)
+        return dict(sorted(out.items()))
 
     def plan(self, message: Message, client_state: Message, ctx: ClientContext) -> LocalTraining | None:
         """The client's declarative training, or None when it must take the general path (:meth:`run`)."""

@@ -39,6 +39,7 @@ from fedtrust.data.augment import concat_draws
 from fedtrust.fl.executor import ClientStore, Executor
 from fedtrust.fl.local import ClientSchedule, assemble_batch, check_shared_schedule, client_schedule, plan_list
 from fedtrust.fl.protocol import Algorithm
+from fedtrust.data.types import ImageSet
 from fedtrust.fl.types import ClientContext, LocalTraining, Message, TrainResult
 from fedtrust.fl.sampling import client_generator, seed_global_rngs
 from fedtrust.fl.stacked_optim import StackedOptimizer
@@ -100,18 +101,21 @@ class VectorizedExecutor(Executor):
         groups: dict[tuple, list[_Client]] = defaultdict(list)
         contexts: dict[int, ClientContext] = {}
         plans: dict[int, LocalTraining | list[LocalTraining]] = {}
+        general: dict[int, tuple[Message, ImageSet, Message, ClientContext]] = {}
         for c in sorted(messages):
             ctx = contexts[c] = self.client_context(c, round)
             plan = self.runtime.plan(messages[c], store.get(c), ctx)
             if plan is None:
-                self._warn_fallback()
-                reply, state = self.runtime.run(messages[c], self.data.client(c), store.get(c), ctx)
-                store.set(c, state)
-                replies[c] = reply
+                general[c] = (messages[c], self.data.client(c), store.get(c), ctx)
                 continue
             plans[c] = plan
             for job in self._jobs(c, plan_list(plan), ctx):
                 groups[_group_key(job.plan)].append(job)
+        if general:  # the general path: client programs in lock-step (FLIP's inversions batched), else alone
+            self._warn_fallback()
+            for c, (reply, state) in self.runtime.run_together(general).items():
+                store.set(c, state)
+                replies[c] = reply
         results: dict[tuple[int, int], TrainResult] = {}
         for members in groups.values():
             for chunk in chunked(members, clients_per_group(members[0].plan, self.group_bytes)):
@@ -125,7 +129,11 @@ class VectorizedExecutor(Executor):
         return dict(sorted(replies.items()))
 
     def _warn_fallback(self) -> None:
-        if not self._warned:
+        if not self._warned and has_program(self.algorithm):
+            self._warned = True
+            self.log(f"algorithm {self.algorithm.name!r} trains by a client program: the round's programs run "
+                     "in lock-step, their requests (FLIP's inversions) batched across clients")
+        elif not self._warned:
             self._warned = True
             self.log(f"some clients of algorithm {self.algorithm.name!r} have no declarative local training "
                      "(or an attack changes their data): they run one after another (sequential path)")
@@ -225,6 +233,12 @@ def is_declarative(algorithm: Algorithm) -> bool:
     return bool(type(algorithm).declarative)
 
 
+def has_program(algorithm: Algorithm) -> bool:
+    """True when the algorithm writes its general client path as a program of batchable requests
+    (:meth:`~fedtrust.fl.protocol.Algorithm.client_program` overridden; FLIP)."""
+    return type(algorithm).client_program is not Algorithm.client_program
+
+
 CPU_GROUP_BYTES = 16 * 2**20
 """On a CPU, the most client state stacked in one vmapped group: half a last-level cache.
 
@@ -277,10 +291,13 @@ def choose_executor(algorithm: Algorithm, clients_per_round: int, device: torch.
 def executor_choice(algorithm: Algorithm, clients_per_round: int,
                     device: torch.device | str = "cpu") -> tuple[str, str]:
     """:func:`choose_executor`'s pick and the reason, for the run log."""
-    if not is_declarative(algorithm):
-        return "sequential", f"{algorithm.name} has no declarative local training"
     if clients_per_round < 2:
         return "sequential", "one client per round"
+    if has_program(algorithm):
+        return "vectorized", (f"{algorithm.name} trains by client programs: the {clients_per_round} clients of a "
+                              "round run in lock-step, their requests batched")
+    if not is_declarative(algorithm):
+        return "sequential", f"{algorithm.name} has no declarative local training"
     budget = default_group_bytes(device)
     per_client = state_bytes(algorithm.template)
     mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731

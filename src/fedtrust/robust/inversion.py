@@ -185,9 +185,11 @@ def _objective(raw: Raw, lam: Tensor, logits_fn: LogitsFn, images: Tensor, group
     """L = Σ_k CE_k + λ_k ‖m_k‖₁ and, as aux, the per-trigger (hit, ‖m‖₁, CE)."""
     a, b = raw
     mask, pattern = to_mask(a), to_mask(b)
-    logits = logits_fn(stamp(images, mask[group].unsqueeze(1), pattern[group]))
-    member = F.one_hot(group, a.shape[0]).to(images.dtype)  # (N, K)
-    count = member.sum(0)  # sums of 0/1 are exact, so hit = 9/10 is the float nearest 0.9, as τ_inv is
+    k = a.shape[0]
+    slot = group.clamp(max=k - 1)  # padding images (group == K, batched jobs) take any trigger, then count 0
+    logits = logits_fn(stamp(images, mask[slot].unsqueeze(1), pattern[slot]))
+    member = (group.unsqueeze(1) == torch.arange(k, device=group.device)).to(images.dtype)  # (N, K)
+    count = member.sum(0).clamp(min=1)  # sums of 0/1 are exact: hit = 9/10 is the float nearest 0.9, as τ_inv
     ce = (F.cross_entropy(logits, target, reduction="none") @ member) / count
     hit = ((logits.argmax(1) == target).to(images.dtype) @ member) / count
     l1 = mask.sum((1, 2))
@@ -289,29 +291,134 @@ def _invert(
     generator: torch.Generator, normalize: Callable[[Tensor], Tensor] | None, params: InversionParams,
     inits: list[Raw | None],
 ) -> list[Trigger]:
-    if steps < 0:
-        raise ConfigError(f"steps must be >= 0, got {steps}")
-    norm = normalize if normalize is not None else (lambda x: x)
-    _, c, h, w = images.shape
-    a, b = _start(k, (c, h, w), generator, images, params, inits)
     weights = {name: v.detach() for name, v in [*model.named_parameters(), *model.named_buffers()]}
+    job = InversionJob(model, weights, images, group, target, k, steps, generator, params.lam0, inits,
+                       normalize, params)
+    return InversionJob.solve_batch([job])[0]
 
-    def logits_fn(x: Tensor) -> Tensor:
-        return functional_call(model, weights, (norm(x),))
 
-    was_training = model.training
-    model.eval()
-    try:
-        state, history = init_state(a, b, params.lam0), []
-        for _ in range(steps):
-            noise = (_uniform(a.shape, generator, images), _uniform(b.shape, generator, images))
-            state, stats = inversion_step(state, noise, logits_fn, images, group, target, params)
+@dataclass(eq=False)
+class InversionJob:
+    """One inversion of ``k`` triggers on one model, to run alone or batched with others of its shape.
+
+    A :class:`~fedtrust.fl.programs.Request`: jobs with equal :meth:`batch_key` (same architecture ``shell``,
+    ``k``, ``steps``, image shape, ``params`` and ``normalize``) run together in :meth:`solve_batch`, one
+    ``vmap``-ed :func:`inversion_step` per step over a leading job axis (their weights stacked, their images
+    padded to the longest with images no trigger owns). Each job draws its random start and noise from its
+    own ``generator`` exactly as it would alone, so a batched job's triggers equal its lone solve up to
+    floating-point summation order. ``lam0`` overrides ``params.lam0`` (it may differ within a batch).
+    """
+
+    shell: nn.Module
+    """The architecture, called as ``functional_call(shell, weights, x)`` in eval mode; never changed."""
+    weights: dict[str, Tensor]
+    """This job's parameters and buffers, by name (detached)."""
+    images: Tensor
+    group: Tensor
+    target: Tensor
+    k: int
+    steps: int
+    generator: torch.Generator
+    lam0: float
+    inits: list[Raw | None]
+    normalize: Callable[[Tensor], Tensor] | None
+    params: InversionParams
+
+    def batch_key(self) -> tuple:
+        return (id(self.shell), self.k, self.steps, tuple(self.images.shape[1:]), self.images.dtype,
+                self.images.device, self.params, self.normalize)
+
+    @classmethod
+    def solve_batch(cls, jobs: list["InversionJob"]) -> list[list[Trigger]]:
+        """Each job's ``k`` triggers; jobs must share :meth:`batch_key` (vmapped when there are several)."""
+        if not jobs:
+            return []
+        first = jobs[0]
+        if first.steps < 0:
+            raise ConfigError(f"steps must be >= 0, got {first.steps}")
+        if any(j.batch_key() != first.batch_key() for j in jobs):
+            raise ConfigError("inversion jobs solved together must share architecture, k, steps, image shape, "
+                              "params and normalize")
+        if len({id(j.generator) for j in jobs}) < len(jobs):  # a shared generator: its draws are ordered
+            return [t for j in jobs for t in cls.solve_batch_of_one(j)]
+        if len(jobs) == 1:
+            return cls.solve_batch_of_one(first)
+        return _solve_stacked(jobs)
+
+    @staticmethod
+    def solve_batch_of_one(job: "InversionJob") -> list[list[Trigger]]:
+        norm = job.normalize if job.normalize is not None else (lambda x: x)
+        a, b = _start(job.k, tuple(job.images.shape[1:]), job.generator, job.images, job.params, job.inits)
+
+        def logits_fn(x: Tensor) -> Tensor:
+            return functional_call(job.shell, job.weights, (norm(x),))
+
+        state, history = init_state(a, b, job.lam0), []
+        with _eval_mode(job.shell):
+            for _ in range(job.steps):
+                noise = (_uniform(a.shape, job.generator, job.images), _uniform(b.shape, job.generator, job.images))
+                state, stats = inversion_step(state, noise, logits_fn, job.images, job.group, job.target,
+                                              job.params)
+                history.append(stats)
+        return [_triggers(state, _history(history, job.k, job.images))]
+
+
+def _solve_stacked(jobs: list[InversionJob]) -> list[list[Trigger]]:
+    """Several jobs of one key: one vmapped step over the stacked jobs (:meth:`InversionJob.solve_batch`)."""
+    first = jobs[0]
+    norm = first.normalize if first.normalize is not None else (lambda x: x)
+    n = max(len(j.images) for j in jobs)
+    images = torch.stack([F.pad(j.images, (0, 0, 0, 0, 0, 0, 0, n - len(j.images))) for j in jobs])
+    group = torch.stack([F.pad(j.group, (0, n - len(j.group)), value=first.k) for j in jobs])  # k: no trigger
+    target = torch.stack([F.pad(j.target, (0, n - len(j.target))) for j in jobs])
+    weights = {name: torch.stack([j.weights[name] for j in jobs]) for name in first.weights}
+    starts = [_start(j.k, tuple(j.images.shape[1:]), j.generator, j.images, j.params, j.inits) for j in jobs]
+    state = _stack_states([init_state(a, b, j.lam0) for (a, b), j in zip(starts, jobs)])
+
+    def one(st: InversionState, noise: Raw, w: dict[str, Tensor], x: Tensor, grp: Tensor, tgt: Tensor):
+        return inversion_step(st, noise, lambda z: functional_call(first.shell, w, (norm(z),)), x, grp, tgt,
+                              first.params)
+
+    step = torch.func.vmap(one, randomness="error")
+    history = []
+    with _eval_mode(first.shell):
+        for _ in range(first.steps):
+            noise = tuple(torch.stack([_uniform(shape, j.generator, j.images) for j in jobs])
+                          for shape in (starts[0][0].shape, starts[0][1].shape))
+            state, stats = step(state, noise, weights, images, group, target)
             history.append(stats)
-    finally:
-        model.train(was_training)
-    hist = {key: torch.stack([st[key] for st in history]) if history else images.new_zeros(0, k)
+    out = []
+    for i, job in enumerate(jobs):
+        own = InversionState(*(leaf[i] for leaf in state))
+        out.append(_triggers(own, _history([{k: v[i] for k, v in st.items()} for st in history], job.k,
+                                           job.images)))
+    return out
+
+
+def _stack_states(states: list[InversionState]) -> InversionState:
+    return InversionState(*(torch.stack(leaves) for leaves in zip(*states)))
+
+
+def _history(history: list[dict[str, Tensor]], k: int, like: Tensor) -> dict[str, Tensor]:
+    return {key: torch.stack([st[key] for st in history]) if history else like.new_zeros(0, k)
             for key in ("hit", "l1", "ce", "lam")}
-    return [_trigger(state, i, {key: v[:, i] for key, v in hist.items()}) for i in range(k)]
+
+
+def _triggers(state: InversionState, hist: dict[str, Tensor]) -> list[Trigger]:
+    return [_trigger(state, i, {key: v[:, i] for key, v in hist.items()}) for i in range(state.a.shape[0])]
+
+
+class _eval_mode:
+    """Put a module in eval mode for a block, restoring its mode after."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module, self.was = module, module.training
+
+    def __enter__(self) -> None:
+        self.module.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        self.module.train(self.was)
 
 
 def _start(
