@@ -71,6 +71,44 @@ def test_flower_rounds_equal_sequential_rounds_bit_for_bit(loopback_grid):
     assert all(m.metadata.group_id == str(m.content["fedtrust.call"]["round"]) for m in train)
 
 
+FLIP = ["algorithm.name=flip", "algorithm.warmup_steps=20", "algorithm.pair_steps=10", "algorithm.refine_steps=5",
+        "algorithm.tau_inv=0.3", "attack.name=backdoor", "attack.ids=[2]", "attack.force=true"]
+
+
+def test_flip_on_flower_equals_sequential_and_keeps_its_state_on_the_node(loopback_grid):
+    """FLIP's hardening (its inversion state per client) and a DBA attacker: the Flower executor gives the
+    sequential executor's weights bit for bit, the FLIP state stays in each node's context and is never
+    sent. Rules out FLIP state kept on the server side under Flower (a node would warm up every round and
+    the weights would differ) or shipped in the replies."""
+    seq = build_federation(build_config({}, ARGS + FLIP + ["executor=sequential"]))
+    torch.manual_seed(0)
+    store = ClientStore()
+    expected = seq.executor.run(seq.algorithm.init(), store, 0, 3)
+
+    cfg = build_config({}, ARGS + FLIP + ["executor=flower"])
+    fed = build_federation(cfg)
+    grid = loopback_grid(make_client_app(), NODES, run_config(cfg))
+    torch.manual_seed(0)
+    with bind_grid(grid, FlowerSettings()):
+        state = fed.executor.run(fed.algorithm.init(), ClientStore(), 0, 3)
+    for k, v in expected.arrays.items():
+        assert torch.equal(state.arrays[k], v), k
+    replied = [key for m in grid.received if m.has_content() for rec in m.content.array_records.values()
+               for key in rec.keys()]
+    assert replied and not any("flip" in key for key in replied), "FLIP state left the node"
+    assert any(k.startswith("flip/cache/") for st in store.states.values() for k in st.arrays), \
+        "the sequential reference kept no FLIP pair cache: nothing compared"
+    for node, ctx in grid.contexts.items():  # node 100 + k holds client k's state, as the sequential store
+        want = store.get(node - 100)
+        if not want.arrays:
+            assert not has_message(ctx.state, STATE_PREFIX)
+            continue
+        got = from_records(ctx.state, STATE_PREFIX)
+        assert got.arrays.keys() == want.arrays.keys()
+        for k, v in want.arrays.items():
+            assert torch.equal(got.arrays[k], v), (node, k)
+
+
 def test_failed_client_is_left_out_and_a_round_where_all_fail_stops_the_run(loopback_grid, caplog):
     cfg = build_config({}, ARGS + ["executor=flower", "data.clients_per_round=4"])
     fed = build_federation(cfg)

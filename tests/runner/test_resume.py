@@ -114,10 +114,12 @@ def assert_same_run(resumed: Path, full: Path) -> None:
 @pytest.mark.parametrize("algorithm, kept", [
     (["algorithm.name=fedloge", "algorithm.refine_steps=50"], "/head_l/"),
     (["algorithm.name=ditto"], "/personal/"),
-], ids=["fedloge", "ditto"])
+    (["algorithm.name=flip", "algorithm.warmup_steps=20", "algorithm.pair_steps=10", "algorithm.refine_steps=5",
+      "algorithm.tau_inv=0.3", "attack.name=backdoor", "attack.ids=[3]"], "/flip/cache/"),
+], ids=["fedloge", "ditto", "flip"])
 def test_kill_and_resume_keeps_client_state(tmp_path, algorithm, kept):
-    """FedLoGe's local heads L_k and Ditto's personal models v_k live in the client store, not the
-    server state. Rules out a checkpoint that drops (or a resume that does not restore) the client
+    """FedLoGe's local heads L_k, Ditto's personal models v_k and FLIP's inversion state (pair matrices,
+    per-pair trigger cache; a DBA attacker beside it) live in the client store, not the server state. Rules out a checkpoint that drops (or a resume that does not restore) the client
     store: the clients sampled after the resume would restart their heads/models from the initial
     one, so their final client states and the personalised metrics would differ."""
     rounds, args = 6, SMALL + algorithm

@@ -10,7 +10,8 @@ from its FedAvg baseline only in the clients' training.
 
 **Client** (§2, ``invert=true``): local SGD is replaced by hardening. Adam (betas (0.5, 0.9), lr
 ``harden_lr``) on the client's data, re-batched with ``train.batch_size`` and shuffled with the client's
-generator, for at most ``train.epochs`` passes and ``max_steps`` batches:
+generator, as the configured schedule draws its batches (``train.epochs`` passes, or ``train.steps``
+batches, ``train.drop_last``), at most ``max_steps`` of them:
 
 * Phase A, warm-up (first selection of the client only), batch k = 0..K−1, target t = k: one universal
   trigger (:func:`~fedtrust.robust.inversion.invert_trigger`, ``warmup_steps`` steps) flipping one exemplar
@@ -135,7 +136,8 @@ class Flip(FedAvg):
         for q in model.parameters():
             q.requires_grad_(True)
         opt = torch.optim.Adam(model.parameters(), lr=p.harden_lr, betas=(0.5, 0.9))
-        batches = local_batches(len(data), sched.batch_size, sched.epochs, None, ctx.generator)[:p.max_steps]
+        batches = local_batches(len(data), sched.batch_size, sched.epochs, sched.steps, ctx.generator,
+                                sched.drop_last)[:p.max_steps]
         st = _State.load(client_state, k, data.x.device)
         run = _Hardening(self, model, opt, data, ctx, st)
         if not st.seen and batches:
