@@ -3,10 +3,11 @@
 Spec ``shared/specs/flip.md`` §2 (the client, FLIP's ``trigger_fast_train``) and §3 (the server).
 
 **Server** (§3): unchanged FedAvg. FLIP's rule ``G ← G + (η/n)·Σ_i Δ_i`` is fedtrust's defense with the
-mean aggregator and ``defense.server_lr`` = η (FLIP: 0.1); aggregation goes through
-``self.ctx.defense.merge`` so every configured aggregator applies. GUESS: fedtrust's mean is
-sample-weighted (FLIP's is unweighted, the sample count unused); kept weighted so that a FLIP run differs
-from its FedAvg baseline only in the clients' training.
+mean aggregator, ``defense.uniform=true`` (every reply weighted 1/n: FLIP ignores the sample counts) and
+``defense.server_lr`` = η (FLIP: 0.1); aggregation goes through ``self.ctx.defense.merge`` so every
+configured aggregator applies (the backdoor benchmark puts FLIP's clients behind each). The paper-setting
+presets (MNIST, Fashion-MNIST, CIFAR-10) use the uniform mean; the digits presets keep the default
+sample-weighted mean, so a FLIP digits run differs from its FedAvg baseline only in the clients' training.
 
 **Client** (§2, ``invert=true``): local SGD is replaced by hardening. Adam (betas (0.5, 0.9), lr
 ``harden_lr``) on the client's data, re-batched with ``train.batch_size`` and shuffled with the client's
