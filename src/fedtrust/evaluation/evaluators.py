@@ -127,6 +127,14 @@ class OOD(Evaluator):
         return out
 
 
+def backdoor_asr(model: nn.Module, setup: EvalSetup) -> float | None:
+    """ASR (τ = 0) of ``model`` on the setup's backdoor test set; None without a backdoor attack."""
+    if setup.backdoor is None:
+        return None
+    images, target = setup.backdoor
+    return _nan_to_none(attack_success_rate(predict_logits(model, images, setup.normalize, setup.batch_size), target))
+
+
 @register("evaluator", "backdoor")
 class Backdoor(Evaluator):
     """Attack success rate of a backdoor (``asr``: stamped non-target test images predicted as the target), and

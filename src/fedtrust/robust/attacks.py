@@ -83,6 +83,19 @@ class Targets:
             return round in self.rounds
         return round >= self.first and (self.last is None or round <= self.last)
 
+    def last_round(self, rounds: int) -> int | None:
+        """The last round (of a run of ``rounds``) in which any client attacks; None when none does."""
+        if not self.clients:
+            return None
+        if self.schedule is not None:
+            hit = [r for r, who in self.schedule.items() if r <= rounds and who & self.clients]
+        elif self.rounds is not None:
+            hit = [r for r in self.rounds if 1 <= r <= rounds]
+        else:
+            end = rounds if self.last is None else min(self.last, rounds)
+            hit = [end] if end >= self.first else []
+        return max(hit, default=None)
+
 
 def choose_attackers(num_clients: int, fraction: float, seed: int) -> list[int]:
     """``round(fraction · N)`` client ids drawn once from the run seed, sorted."""

@@ -174,6 +174,10 @@ class EvalConfig(Section):
     reject_tau: float = Field(0.0, ge=0.0, le=1.0, description="FLIP's inference-time rejection: a prediction "
                                                                "counts only if its top-1 softmax probability "
                                                                "is at least this (0: off)")
+    asr_baseline: float | None = Field(None, ge=0.0, le=1.0, description="a backdoor's ASR before the attack, "
+                                                                         "for the lifespan (null: measured on "
+                                                                         "the start model when the run starts, "
+                                                                         "and recorded here)")
     metrics: list[str] = Field(default_factory=lambda: ["accuracy", "calibration", "ood", "backdoor"],
                                description="evaluators to run (`fedtrust list evaluator`), in this order")
     ood_model: Literal["final", "init_from"] = Field(

@@ -22,8 +22,10 @@ from rich.console import Console
 from rich.table import Table
 
 from fedtrust.errors import CheckpointError
+from fedtrust.evaluation.evaluators import backdoor_asr
 from fedtrust.fl.executor import ClientStore
 from fedtrust.fl.protocol import Message
+from fedtrust.metrics.backdoor import lifespan
 from fedtrust.runner import rundir
 from fedtrust.runner.callbacks import Checkpointer, Evaluator, MetricsLogger, ProgressBar
 from fedtrust.runner.checkpoint import config_mismatch, load_checkpoint
@@ -97,6 +99,9 @@ def run(config: RunConfig | dict | str | Path | None = None, overrides: list[str
             resolved = config_to_dict(cfg)
             if measured:
                 console.print(f"measured on the init_from model: objective {measured}")
+        if fed.eval_setup.backdoor is not None and cfg.eval.asr_baseline is None:  # the lifespan's reference
+            cfg = record_asr_baseline(cfg, backdoor_asr(primary_model(fed, state), fed.eval_setup))
+            resolved = config_to_dict(cfg)
         run_dir = rundir.new_run_dir(cfg.out, f"{cfg.algorithm.name}-{cfg.data.dataset}")
         resolved["out"] = str(run_dir)
         rundir.write_config(run_dir, resolved)
@@ -120,6 +125,9 @@ def run(config: RunConfig | dict | str | Path | None = None, overrides: list[str
     state = fed.executor.run(state, store, start, cfg.rounds, callbacks)
 
     summary = _summary(run_dir, cfg, fed.executor.name, offset + time.perf_counter() - t0)
+    if fed.executor.attack is not None and fed.eval_setup.backdoor is not None:
+        summary.update(backdoor_summary(rundir.read_metrics(run_dir), cfg.eval.asr_baseline,
+                                        fed.executor.attack.targets.last_round(cfg.rounds)))
     rundir.write_json(run_dir / rundir.SUMMARY, summary)
     report_path = None
     if report:
@@ -139,6 +147,30 @@ def _summary(run_dir: Path, cfg: RunConfig, executor: str, wall: float) -> dict[
                  dataset=cfg.data.dataset, best_test_acc=max((r["test_acc"] for r in evals), default=None),
                  run_dir=str(run_dir))
     return final
+
+
+def record_asr_baseline(cfg: RunConfig, asr: float | None) -> RunConfig:
+    """``cfg`` with ``eval.asr_baseline`` set to the start model's measured ASR (kept in config.yaml, so a
+    resumed run uses the same reference)."""
+    tree = config_to_dict(cfg)
+    tree["eval"]["asr_baseline"] = asr
+    return build_config(tree)
+
+
+def backdoor_summary(records: list[dict[str, Any]], baseline: float | None,
+                     last_attack: int | None) -> dict[str, Any]:
+    """Peak ASR over the evaluations (with τ too when logged) and the lifespan (rounds after the last attack
+    round until the ASR falls below twice ``baseline``, :func:`~fedtrust.metrics.backdoor.lifespan`; None
+    when it never does, or without an attack round or a baseline)."""
+    asr = {r["round"]: r["asr"] for r in records if r.get("asr") is not None}
+    out: dict[str, Any] = {"asr_peak": max(asr.values(), default=None), "asr_baseline": baseline,
+                           "last_attack_round": last_attack}
+    tau = [r["asr_tau"] for r in records if r.get("asr_tau") is not None]
+    if tau:
+        out["asr_tau_peak"] = max(tau)
+    out["lifespan"] = (lifespan(asr, last_attack, baseline) if last_attack is not None and baseline is not None
+                       else None)
+    return out
 
 
 def _print_summary(console: Console, s: dict[str, Any], run_dir: Path, report: Path | None) -> None:
