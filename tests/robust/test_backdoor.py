@@ -68,6 +68,8 @@ def test_bad_backdoor_params_are_config_errors():
         _attack(target=10)
     with pytest.raises(ConfigError, match="attack.rects"):
         _attack(trigger="pixel").trigger((1, 8, 8))
+    with pytest.raises(ConfigError, match="attack.lr_milestones"):
+        _attack(lr_milestones=[0.2, 1.5])
 
 
 @pytest.mark.slow
@@ -114,6 +116,10 @@ def test_the_attacker_trains_with_its_own_epochs_and_lr():
     plain, own = replies([]), replies(["attack.epochs=3", "attack.lr=0.01"])
     assert own[1].meta["steps"] == 3 * plain[1].meta["steps"]
     assert not torch.equal(own[1].arrays["model/head.weight"], plain[1].arrays["model/head.weight"])
+    decayed = replies(["attack.epochs=3", "attack.lr=0.01", "attack.lr_milestones=[0.2, 0.8]"])
+    assert decayed[1].meta["steps"] == own[1].meta["steps"]
+    assert not torch.equal(decayed[1].arrays["model/head.weight"], own[1].arrays["model/head.weight"]), \
+        "the attacker's lr milestones changed nothing"
     for c in (0, 2, 3):
         assert own[c].meta == plain[c].meta
         assert all(torch.equal(v, plain[c].arrays[k]) for k, v in own[c].arrays.items()), c

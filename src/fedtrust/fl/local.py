@@ -227,7 +227,7 @@ def train_locally(plan: LocalTraining | list[LocalTraining], data: ImageSet, ctx
         batch = assemble_batch(data.x[idx], data.y[idx], outliers, first.views, first.augment, schedule.draws[t],
                                normalize)
         for trainer in trainers:
-            trainer.step(batch, activate=len(trainers) > 1)
+            trainer.step(batch, activate=len(trainers) > 1, position=(t, len(schedule.batches)))
     results = [trainer.finish(len(data), len(schedule.batches)) for trainer in trainers]
     return results if isinstance(plan, list) else results[0]
 
@@ -258,7 +258,12 @@ class _PlanTrainer:
             load_torch_state(self.optimizer, self.trainable, plan.optimizer_state)
         self.losses: list[Tensor] = []
 
-    def step(self, batch: Batch, activate: bool = False) -> None:
+    def step(self, batch: Batch, activate: bool = False, position: tuple[int, int] = (0, 1)) -> None:
+        """One step on ``batch``; ``position`` = (step, total steps) for the spec's lr milestones."""
+        spec = self.plan.optimizer
+        if spec.milestones:
+            for group in self.optimizer.param_groups:
+                group["lr"] = spec.lr * spec.lr_factor(*position)
         if activate:  # several plans: set this plan's trainable flags again before its step
             for name, p in self.named.items():
                 p.requires_grad_(name in self.trainable)

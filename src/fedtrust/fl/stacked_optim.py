@@ -52,8 +52,9 @@ class StackedOptimizer:
             out["step"] = self.steps[row].clone()
         return out
 
-    def step(self, grads: dict[str, Tensor], rows: Tensor | None) -> None:
-        """Apply one step with ``grads`` (stacked over ``rows``, or over all clients when None)."""
+    def step(self, grads: dict[str, Tensor], rows: Tensor | None, lr_factor: Tensor | None = None) -> None:
+        """Apply one step with ``grads`` (stacked over ``rows``, or over all clients when None); ``lr_factor``
+        (one per row stepped) multiplies the lr (the spec's milestones), None: the plain lr."""
         if rows is None:
             self.steps += 1
         else:
@@ -62,7 +63,10 @@ class StackedOptimizer:
         for name, g in grads.items():
             p = self.params[name] if rows is None else self.params[name][rows]
             state = {k: (v[name] if rows is None else v[name][rows]) for k, v in self.state.items()}
-            new_p = self._sgd(p, g, state) if self.spec.name == "sgd" else self._adam(p, g, state, t)
+            lr: float | Tensor = self.spec.lr
+            if lr_factor is not None:
+                lr = (self.spec.lr * lr_factor).to(p.dtype).to(p.device).view((-1,) + (1,) * (p.dim() - 1))
+            new_p = self._sgd(p, g, state, lr) if self.spec.name == "sgd" else self._adam(p, g, state, t, lr)
             if rows is None:
                 self.params[name].copy_(new_p)
                 for k, v in self.state.items():
@@ -72,7 +76,7 @@ class StackedOptimizer:
                 for k, v in self.state.items():
                     v[name][rows] = state[k]
 
-    def _sgd(self, p: Tensor, g: Tensor, state: dict[str, Tensor]) -> Tensor:
+    def _sgd(self, p: Tensor, g: Tensor, state: dict[str, Tensor], lr: float | Tensor) -> Tensor:
         s = self.spec
         if s.weight_decay:
             g = g.add(p, alpha=s.weight_decay)
@@ -81,9 +85,9 @@ class StackedOptimizer:
             buf = state["buf"].mul(s.momentum).add(g)
             state["buf"] = buf
             g = g.add(buf, alpha=s.momentum) if s.nesterov else buf
-        return p.add(g, alpha=-s.lr)
+        return p - lr * g if isinstance(lr, Tensor) else p.add(g, alpha=-lr)
 
-    def _adam(self, p: Tensor, g: Tensor, state: dict[str, Tensor], t: Tensor) -> Tensor:
+    def _adam(self, p: Tensor, g: Tensor, state: dict[str, Tensor], t: Tensor, lr: float | Tensor) -> Tensor:
         s = self.spec
         b1, b2 = s.betas
         if s.weight_decay:
@@ -95,4 +99,4 @@ class StackedOptimizer:
         bc1 = (1 - b1 ** t).to(p.dtype).view(shape).to(p.device)
         bc2_sqrt = ((1 - b2 ** t) ** 0.5).to(p.dtype).view(shape).to(p.device)
         denom = (v.sqrt() / bc2_sqrt).add(s.eps)
-        return p - (s.lr / bc1) * (m / denom)
+        return p - (lr / bc1) * (m / denom)

@@ -61,6 +61,15 @@ class OptimizerSpec:
     nesterov: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    milestones: tuple[float, ...] = ()
+    """Decay points within one local training, as fractions of its steps: the lr is multiplied by ``gamma``
+    from step ⌊m·T⌋ on for each milestone m (T: the client's local steps). FLIP's attackers decay ×0.1 at
+    20 % and 80 % of their epochs (torch's MultiStepLR per epoch, equal when every epoch has as many batches)."""
+    gamma: float = 0.1
+
+    def lr_factor(self, step: int, total: int) -> float:
+        """The lr multiplier at local step ``step`` (0-based) of ``total``: gamma^(milestones reached)."""
+        return self.gamma ** sum(step >= int(m * total) for m in self.milestones)
 
     def build(self, params: list[Tensor]) -> torch.optim.Optimizer:
         """The torch optimizer for ``params`` (the sequential reference path)."""

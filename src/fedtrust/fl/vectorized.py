@@ -183,7 +183,11 @@ class VectorizedExecutor(Executor):
                 if not whole:
                     for k, v in bufs.items():
                         buffers[k][sel] = v
-                optimizer.step(grads, sel)
+                factor = None
+                if plan.optimizer.milestones:  # each row's lr at its own step t of its own total
+                    factor = torch.tensor([plan.optimizer.lr_factor(t, len(clients[i].batches)) for i in rows],
+                                          dtype=torch.float64)
+                optimizer.step(grads, sel, factor)
                 loss_sum.index_add_(0, torch.tensor(rows, device=self.device), losses.detach())
         return self._results(clients, params, frozen, buffers, loss_sum, optimizer)
 

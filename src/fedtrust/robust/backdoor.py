@@ -80,12 +80,18 @@ class Backdoor(Attack):
         epochs: int | None = Field(None, ge=1, description="the attacker's own local epochs (null: benign)")
         momentum: float | None = Field(None, ge=0.0, lt=1.0, description="the attacker's own SGD momentum")
         weight_decay: float | None = Field(None, ge=0.0, description="the attacker's own weight decay")
+        lr_milestones: list[float] | None = Field(None, description="the attacker's lr decay points, as fractions "
+                                                  "of its local steps (FLIP: [0.2, 0.8], x lr_gamma each)")
+        lr_gamma: float = Field(0.1, gt=0.0, le=1.0, description="the attacker's lr decay factor at each milestone")
         neurotoxin: float | None = Field(None, gt=0.0, lt=1.0, description="Neurotoxin: the fraction of "
                                          "coordinates the benign update moves most, which the attacker's "
                                          "gradient leaves alone (null: off)")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if any(not 0.0 < m < 1.0 for m in self.params.lr_milestones or ()):
+            raise ConfigError(f"config key 'attack.lr_milestones': fractions of the local steps in (0, 1), got "
+                              f"{self.params.lr_milestones}")
         if self.params.target >= self.num_classes:
             raise ConfigError(f"config key 'attack.target': {self.params.target} is not a class (0.."
                               f"{self.num_classes - 1})")
@@ -128,11 +134,14 @@ class Backdoor(Attack):
     def rewrite_plan(self, plan: LocalTraining, ctx: ClientContext, message: Message,
                      state: dict[str, Tensor]) -> LocalTraining:
         """The attacker's own local training: the benign plan with ``lr``/``epochs``/``momentum``/
-        ``weight_decay`` replaced where set (FLIP's attackers: SGD lr 0.05, 10 epochs, spec flip.md §1)."""
+        ``weight_decay`` replaced where set, and ``lr_milestones`` (FLIP's attackers: SGD lr 0.05, 10 epochs,
+        ×0.1 at 20 % and 80 %, spec flip.md §1)."""
         p = self.params
         spec = plan.optimizer
         spec = dataclasses.replace(spec, **{k: v for k, v in (("lr", p.lr), ("momentum", p.momentum),
                                                                ("weight_decay", p.weight_decay)) if v is not None})
+        if p.lr_milestones is not None:
+            spec = dataclasses.replace(spec, milestones=tuple(p.lr_milestones), gamma=p.lr_gamma)
         changes: dict[str, Any] = {"optimizer": spec}
         if p.epochs is not None:
             changes.update(epochs=p.epochs, steps=None)
@@ -143,7 +152,8 @@ class Backdoor(Attack):
     @property
     def rewrites_training(self) -> bool:
         p = self.params
-        return any(v is not None for v in (p.lr, p.epochs, p.momentum, p.weight_decay, p.neurotoxin))
+        return any(v is not None for v in (p.lr, p.epochs, p.momentum, p.weight_decay, p.neurotoxin,
+                                           p.lr_milestones))
 
     def observe(self, message: Message, state: dict[str, Tensor], ctx: ClientContext) -> dict[str, Tensor]:
         """Neurotoxin: remember the global model of this visit (``prev/…``), whose change by the next visit
