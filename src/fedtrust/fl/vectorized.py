@@ -298,6 +298,9 @@ def executor_choice(algorithm: Algorithm, clients_per_round: int,
     if clients_per_round < 2:
         return "sequential", "one client per round"
     if has_program(algorithm):
+        if torch.device(device).type == "cpu":  # measured: benchmarks/results/backdoor.md, "Inversion speed"
+            return "sequential", (f"{algorithm.name} trains by client programs, whose batched requests are no "
+                                  "faster than one client at a time on a CPU")
         return "vectorized", (f"{algorithm.name} trains by client programs: the {clients_per_round} clients of a "
                               "round run in lock-step, their requests batched")
     if not is_declarative(algorithm):
