@@ -17,13 +17,21 @@ from fedtrust.registry import names
 MODELS = names("model")
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
 NUM_CLASSES = 5
+MIN_HW = {"lenet": 16}
+"""Models whose smallest input exceeds the 8x8 the shared tests use: built at (1, MIN_HW, MIN_HW) there."""
 BN_MODELS = [n for n in MODELS if "bn_affine" in model_options(n)]
 SHORTCUT_MODELS = [n for n in MODELS if "bn_affine_shortcut" in model_options(n)]
 
 
-def _build(name: str, in_shape: tuple[int, int, int] = (1, 8, 8), seed: int = 0, **kwargs: object) -> FedModel:
+def _small(name: str) -> tuple[int, int, int]:
+    """The smallest shared test input ``name`` takes: 8x8, or its ``MIN_HW``."""
+    side = max(8, MIN_HW.get(name, 8))
+    return (1, side, side)
+
+
+def _build(name: str, in_shape: tuple[int, int, int] | None = None, seed: int = 0, **kwargs: object) -> FedModel:
     torch.manual_seed(seed)
-    return create_model(name, NUM_CLASSES, in_shape, **kwargs)
+    return create_model(name, NUM_CLASSES, in_shape or _small(name), **kwargs)
 
 
 def _one_line_config_error(excinfo: pytest.ExceptionInfo[ConfigError]) -> str:
@@ -33,12 +41,17 @@ def _one_line_config_error(excinfo: pytest.ExceptionInfo[ConfigError]) -> str:
 
 
 def test_registry_has_the_families() -> None:
-    assert {"cnn", "cnn2", "resnet18", "resnet34", "wrn", "wrn40_2"} <= set(MODELS)
+    assert {"cnn", "cnn2", "lenet", "resnet18", "resnet34", "wrn", "wrn40_2"} <= set(MODELS)
 
 
 @pytest.mark.parametrize("in_shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("name", MODELS)
 def test_forward_backward(name: str, in_shape: tuple[int, int, int]) -> None:
+    if min(in_shape[1:]) < MIN_HW.get(name, 0):  # too small for this model: a one-line error, not a crash
+        with pytest.raises(ConfigError) as excinfo:
+            _build(name, in_shape)
+        assert f">= {MIN_HW[name]}" in _one_line_config_error(excinfo)
+        return
     model = _build(name, in_shape)
     assert isinstance(model, FedModel) and isinstance(model.head, nn.Linear)
     assert model.num_classes == NUM_CLASSES and model.head.in_features == model.num_features
@@ -79,7 +92,7 @@ def test_same_seed_same_init(name: str) -> None:
 def test_reset_head(name: str) -> None:
     model = _build(name)
     model.reset_head(3)
-    assert model.num_classes == 3 and model(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+    assert model.num_classes == 3 and model(torch.randn(2, *_small(name))).shape == (2, 3)
 
 
 # ---------------------------------------------------------------- BN options
@@ -130,6 +143,43 @@ def test_cnn2_matches_mcmahan_parameter_count() -> None:
     """McMahan et al. (2017) report 1,663,370 parameters for the MNIST CNN."""
     torch.manual_seed(0)
     assert sum(p.numel() for p in create_model("cnn2", 10, (1, 28, 28)).parameters()) == 1_663_370
+
+
+def test_lenet_matches_the_dba_flip_mnistnet() -> None:
+    """DBA/FLIP MnistNet at 28x28, 1 channel, 10 classes: conv 1->20 (5x5) 24x24, pool 12x12, conv 20->50 (5x5)
+    8x8, pool 4x4, FC 800->500, FC 500->10. Rules out "same" padding (FC 50*7*7 inputs), a missing pool, or
+    a head on the flattened conv map instead of on FC 500."""
+    conv1 = 1 * 20 * 5 * 5 + 20
+    conv2 = 20 * 50 * 5 * 5 + 50
+    fc = (50 * 4 * 4) * 500 + 500
+    head = 500 * 10 + 10
+    assert conv1 + conv2 + fc + head == 431_080
+    torch.manual_seed(0)
+    model = create_model("lenet", 10, (1, 28, 28))
+    assert sum(p.numel() for p in model.parameters()) == conv1 + conv2 + fc + head
+    assert model.num_features == 500 and model.head.in_features == 500
+    x = torch.rand(3, 1, 28, 28)
+    z, logits = model.forward_features_and_logits(x)
+    assert z.shape == (3, 500) and logits.shape == (3, 10)
+    assert torch.equal(model(x), logits)  # logits, not log-probabilities: they do not log-sum-exp to 0
+    assert not torch.allclose(torch.logsumexp(logits, dim=1), torch.zeros(3), atol=1e-3)
+
+
+def test_lenet_on_cifar_sized_colour_images() -> None:
+    """3x32x32: 28x28 after conv1, 14, 10, 5, so FC 50*5*5 = 1250 inputs (not the 28x28 800)."""
+    torch.manual_seed(0)
+    model = create_model("lenet", 10, (3, 32, 32))
+    assert model.body[0].in_channels == 3
+    fc = [m for m in model.body if isinstance(m, nn.Linear)]
+    assert len(fc) == 1 and fc[0].in_features == 50 * 5 * 5 and fc[0].out_features == 500
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_lenet_rejects_8x8_digits_in_one_line() -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        create_model("lenet", 10, (1, 8, 8))
+    message = _one_line_config_error(excinfo)
+    assert "lenet" in message and "H, W >= 16" in message and "(1, 8, 8)" in message
 
 
 def test_cnn_width_and_wrn_widen_set_num_features() -> None:
@@ -201,7 +251,7 @@ def test_bad_num_classes(num_classes: object) -> None:
     assert "num_classes" in _one_line_config_error(excinfo)
 
 
-@pytest.mark.parametrize(("name", "min_hw"), [("resnet18", 8), ("wrn", 8), ("cnn", 4), ("cnn2", 4)])
+@pytest.mark.parametrize(("name", "min_hw"), [("resnet18", 8), ("wrn", 8), ("cnn", 4), ("cnn2", 4), ("lenet", 16)])
 def test_smallest_input(name: str, min_hw: int) -> None:
     _build(name, (2, min_hw, min_hw))
     with pytest.raises(ConfigError) as excinfo:

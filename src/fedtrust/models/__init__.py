@@ -9,6 +9,7 @@ name        architecture                                   options
 ========== ============================================== ==========================
 cnn         3-layer conv3x3 CNN, GAP (digits, MNIST)       width, norm, bn_affine
 cnn2        McMahan et al. 2017 CNN, FC-512 features       hidden
+lenet       DBA/FLIP MnistNet, FC-500 features (>= 16 px)  (none)
 resnet18    CIFAR ResNet-18                                norm, bn_affine, bn_affine_shortcut
 resnet34    CIFAR ResNet-34                                norm, bn_affine, bn_affine_shortcut
 wrn         WideResNet, WRN-16-4 by default                depth, widen_factor, dropout, norm, bn_affine

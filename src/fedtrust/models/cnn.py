@@ -16,6 +16,15 @@
   Note: pfl-research's ``simple_cnn`` (benchmarks/model/pytorch/cnn.py) is a
   different net (two valid conv3x3, one max-pool, dropout, FC 128); ``"cnn2"``
   follows McMahan et al.
+- ``"lenet"`` (:class:`LeNet`): the ``MnistNet`` of DBA (Xie et al., ICLR 2020)
+  and FLIP (Zhang et al., ICLR 2023; spec flip.md §1), a LeNet-5-style net:
+  conv5x5(20, valid)-ReLU-maxpool2-conv5x5(50, valid)-ReLU-maxpool2-FC(500)-
+  ReLU-FC(C). ``z`` is the 500-d FC layer after its ReLU. The valid
+  convolutions need ``H, W >= 16``; at 28x28 it has 431,080 parameters with 10
+  classes. FLIP's net ends in a log-softmax; this one returns logits, which is
+  the same model and the same loss (cross-entropy on logits = NLL on
+  log-softmax), and the same predictions and softmax confidences. No
+  normalization layers.
 """
 
 from __future__ import annotations
@@ -26,7 +35,8 @@ from fedtrust.models.base import ConvNormReLU, FedModel, Shape, check_in_shape, 
 from fedtrust.models.norms import NormFactory
 from fedtrust.registry import register
 
-MIN_SIZE = 4  # both CNNs: smallest H, W accepted
+MIN_SIZE = 4  # SmallCNN and TwoConvCNN: smallest H, W accepted
+LENET_MIN_SIZE = 16  # LeNet: two valid conv5x5 and two 2x2 pools leave a 1x1 map at 16x16, none at 15x15
 POOL_MIN_SIZE = 16  # SmallCNN max-pools once when min(H, W) >= this
 
 
@@ -90,6 +100,42 @@ class TwoConvCNN(FedModel):
         return self.body(x)
 
 
+class LeNet(FedModel):
+    """DBA/FLIP ``MnistNet``: conv5x5(20)-pool-conv5x5(50)-pool, valid convs, FC 500 (= ``z``), FC head.
+
+    Returns logits (FLIP's ``MnistNet`` returns their log-softmax: same argmax, softmax and CE loss).
+
+    Args:
+        num_classes: number of logits.
+        in_shape: ``(C, H, W)`` with ``H, W >= 16`` (the valid convolutions shrink 28 to 24, 12, 8, 4).
+    """
+
+    def __init__(self, num_classes: int, in_shape: Shape) -> None:
+        super().__init__()
+        c, h, w = self.in_shape = check_in_shape(in_shape, min_hw=LENET_MIN_SIZE)
+        self.body = nn.Sequential(
+            nn.Conv2d(c, 20, kernel_size=5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(20, 50, kernel_size=5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(50 * _lenet_side(h) * _lenet_side(w), 500),
+            nn.ReLU(),
+        )
+        self.num_features = 500
+        self.reset_head(num_classes)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+def _lenet_side(n: int) -> int:
+    """Side of LeNet's last feature map for an input side ``n``: conv5 valid, pool 2, conv5 valid, pool 2."""
+    return ((n - 4) // 2 - 4) // 2
+
+
 @register("model", "cnn")
 def cnn(num_classes: int, in_shape: Shape, *, width: int = 32, norm: str = "bn", bn_affine: bool = True) -> SmallCNN:
     """Small 3-layer CNN (``H, W >= 4``); ``z`` has ``4 * width`` entries."""
@@ -100,3 +146,9 @@ def cnn(num_classes: int, in_shape: Shape, *, width: int = 32, norm: str = "bn",
 def cnn2(num_classes: int, in_shape: Shape, *, hidden: int = 512) -> TwoConvCNN:
     """McMahan et al. (2017) 2-conv CNN (``H, W >= 4``); ``z`` has ``hidden`` entries."""
     return TwoConvCNN(num_classes, in_shape, hidden)
+
+
+@register("model", "lenet")
+def lenet(num_classes: int, in_shape: Shape) -> LeNet:
+    """DBA/FLIP MnistNet (``H, W >= 16``); ``z`` has 500 entries. No options."""
+    return LeNet(num_classes, in_shape)

@@ -3,7 +3,9 @@
 A run directory (see ``fedtrust.runner``) holds ``config.yaml``,
 ``metrics.jsonl``, ``partition.json``, ``summary.json`` and
 ``eval_scores.npz`` (per-sample scores of the final evaluation, for the OOD
-section's histograms, ROC curves and reliability diagram; older runs lack it).
+section's histograms, ROC curves and reliability diagram; older runs lack it), and
+``checkpoint.safetensors``, whose FLIP client state gives a FLIP run under a backdoor
+attack its "FLIP inverted masks" figure.
 Any of them may be missing or damaged (a run killed before its first evaluation, a truncated last
 line): :func:`load_run` keeps whatever parses and records a note for each
 problem, and the report shows those notes instead of failing.
@@ -25,10 +27,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedtrust.errors import FedTrustError
-from fedtrust.report.data import ASSETS_DIR, EvalScoresData, OODScores, RunData, as_float, load_run, ood_label
+from fedtrust.report.data import (ASSETS_DIR, EvalScoresData, FlipMasks, FlipPairMask, OODScores, RunData, as_float,
+                                  load_run, ood_label)
 
-__all__ = ["EvalScoresData", "OODScores", "RunData", "as_float", "default_report_path", "load_run", "ood_label",
-           "write_report"]
+__all__ = ["EvalScoresData", "FlipMasks", "FlipPairMask", "OODScores", "RunData", "as_float", "default_report_path",
+           "load_run", "ood_label", "write_report"]
 
 
 # --- writing -----------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 A run directory holds ``config.yaml``, ``metrics.jsonl``, ``partition.json``, ``summary.json`` and
 ``eval_scores.npz``; any may be missing or damaged, and :func:`load_run` keeps whatever parses and records
-a note for each problem. :mod:`~fedtrust.report.plots` and :mod:`~fedtrust.report.html` only draw the
-clean numbers held here.
+a note for each problem. For a FLIP run with a backdoor attack, :func:`load_run` also reads the benign
+clients' inverted masks toward the attack's target from ``checkpoint.safetensors`` (:class:`FlipMasks`).
+:mod:`~fedtrust.report.plots` and :mod:`~fedtrust.report.html` only draw the clean numbers held here.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ METRICS_FILE = "metrics.jsonl"
 PARTITION_FILE = "partition.json"
 SUMMARY_FILE = "summary.json"
 EVAL_SCORES_FILE = "eval_scores.npz"
+CHECKPOINT_FILE = "checkpoint.safetensors"
 ASSETS_DIR = "report_files"
 
 
@@ -99,6 +101,47 @@ class EvalScoresData:
         return (self.pred == self.labels).astype(np.float64)
 
 
+@dataclass(frozen=True)
+class FlipPairMask:
+    """The mean inverted mask of one FLIP pair (source → the attack's target) over the clients holding it.
+
+    ``mask`` (H, W) is the mean of m = tanh(a)/2 + 1/2 over the ``clients`` benign clients whose store caches
+    the pair's raw mask ``a`` (``flip/cache/<source>_<target>/a``); its L1 is the mean of theirs.
+    """
+
+    source: int
+    mask: np.ndarray
+    clients: int
+
+    @property
+    def l1(self) -> float:
+        """‖mask‖₁: the mean over the clients of their mask's L1 (the sum is linear)."""
+        return float(self.mask.sum())
+
+
+@dataclass(frozen=True)
+class FlipMasks:
+    """What a FLIP run's clients inverted toward the attack's target, next to the real trigger.
+
+    ``trigger`` (H, W) is True where the attack's full test trigger (the one the ASR stamps) changes a pixel;
+    ``pairs`` holds up to :data:`MAX_FLIP_SOURCES` sources (the smallest mean L1 first chosen, then shown by
+    source class); ``num_sources`` counts every source found; ``clients`` is the number of benign clients
+    with FLIP state in the checkpoint and ``excluded`` the attack's clients left out.
+    """
+
+    target: int
+    trigger: np.ndarray
+    pairs: list[FlipPairMask]
+    num_sources: int
+    clients: int
+    round: int | None
+    excluded: list[int]
+
+
+MAX_FLIP_SOURCES = 9
+"""The FLIP masks figure shows at most this many source classes (those with the smallest mean L1)."""
+
+
 @dataclass
 class RunData:
     """Everything readable from one run directory, with accessors that return clean numbers.
@@ -107,7 +150,8 @@ class RunData:
     their file is missing or unreadable; ``records`` holds the parsed lines of
     ``metrics.jsonl`` (eval rounds are those with a ``test_acc`` key);
     ``notes`` says, in words, what was missing or skipped; ``scores_note``
-    says why there are no per-sample scores (None when there are).
+    says why there are no per-sample scores (None when there are); ``flip_masks``
+    holds a FLIP run's inverted masks toward its backdoor target (None for other runs).
     """
 
     path: Path
@@ -118,6 +162,7 @@ class RunData:
     notes: list[str] = field(default_factory=list)
     eval_scores: EvalScoresData | None = None
     scores_note: str | None = None
+    flip_masks: FlipMasks | None = None
 
     # --- identity -----------------------------------------------------------
 
@@ -414,6 +459,76 @@ def _read_eval_scores(path: Path, notes: list[str]) -> tuple[EvalScoresData | No
     return scores, None
 
 
+def _flip_attack(config: Mapping[str, Any] | None) -> bool:
+    """True for a run of algorithm ``flip`` under an attack (the runs the FLIP masks figure is for)."""
+    algorithm = (config or {}).get("algorithm")
+    attack = (config or {}).get("attack")
+    return (isinstance(algorithm, Mapping) and algorithm.get("name") == "flip"
+            and isinstance(attack, Mapping) and attack.get("name") is not None)
+
+
+def _pair_key(key: str) -> tuple[int, int, int, str] | None:
+    """``client/<id>/flip/cache/<s>_<t>/<a|b>`` as (id, s, t, a|b), else None."""
+    parts = key.split("/")
+    if len(parts) != 6 or parts[0] != "client" or parts[2:4] != ["flip", "cache"] or parts[5] not in ("a", "b"):
+        return None
+    try:
+        s, t = (int(v) for v in parts[4].split("_"))
+        return int(parts[1]), s, t, parts[5]
+    except ValueError:
+        return None
+
+
+def _read_flip_masks(path: Path, config: Mapping[str, Any]) -> FlipMasks | str:
+    """The benign clients' masks toward the attack's target, or why there are none (a one-line reason).
+
+    The real trigger is the attack's own ASR trigger (:func:`fedtrust.runner.federation.asr_trigger` of the
+    attack the run config builds), its pixels those its ``stamp`` changes; the image shape and the number of
+    classes come from the checkpoint (a cached pattern ``b`` is (C, H, W), ``flip/mat_diff`` is (K, K)).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from fedtrust.errors import FedTrustError
+    from fedtrust.robust.inversion import to_mask
+    from fedtrust.robust.triggers import stamped_pixels
+    from fedtrust.runner.config import build_config
+    from fedtrust.runner.federation import asr_trigger, build_run_attack
+
+    if not path.is_file():
+        return f"no {path.name}: no FLIP masks to show"
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {}).get("fedtrust", "{}"))
+            keys = list(fh.keys())
+            pairs = [(k, p) for k in keys if (p := _pair_key(k)) is not None]
+            any_b = next((k for k, p in pairs if p[3] == "b"), None)
+            mat = next((k for k in keys if k.startswith("client/") and k.endswith("/flip/mat_diff")), None)
+            if any_b is None or mat is None:
+                return f"{path.name} holds no FLIP mask cache (no client reached pair hardening)"
+            image_shape = tuple(fh.get_slice(any_b).get_shape())
+            num_classes = int(fh.get_slice(mat).get_shape()[0])
+            attack = build_run_attack(build_config(dict(config)), num_classes)
+            full = asr_trigger(attack, image_shape)
+            if attack is None or full is None:
+                return "the run's attack has no trigger: no FLIP masks to compare"
+            trigger, target = full
+            excluded = sorted(attack.targets.clients)
+            benign = {int(k.split("/")[1]) for k in keys if k.startswith("client/") and "/flip/" in k} - set(excluded)
+            by_source: dict[int, list[np.ndarray]] = {}
+            for key, (cid, s, t, part) in pairs:
+                if part == "a" and t == target and cid not in excluded:
+                    by_source.setdefault(s, []).append(to_mask(fh.get_tensor(key).double()).numpy())
+            pixels = stamped_pixels(trigger, image_shape).numpy()
+    except (SafetensorError, OSError, ValueError, KeyError, FedTrustError, RuntimeError) as err:
+        first = (str(err).splitlines() or [""])[0]
+        return f"{path.name}: FLIP masks could not be read ({type(err).__name__}: {first})"
+    found = [FlipPairMask(s, np.mean(masks, axis=0), len(masks)) for s, masks in sorted(by_source.items())]
+    shown = sorted(sorted(found, key=lambda p: (p.l1, p.source))[:MAX_FLIP_SOURCES], key=lambda p: p.source)
+    round_ = meta.get("round")
+    return FlipMasks(target, pixels, shown, len(found), len(benign),
+                     round_ if isinstance(round_, int) else None, excluded)
+
+
 def load_run(run_dir: Path | str) -> RunData:
     """Read a run directory; missing or malformed files become notes, never exceptions."""
     path = Path(run_dir).resolve()
@@ -424,4 +539,11 @@ def load_run(run_dir: Path | str) -> RunData:
     unfinished = "the run did not finish (final numbers come from metrics.jsonl)"
     summary = _read_mapping(path / SUMMARY_FILE, notes, unfinished)
     eval_scores, scores_note = _read_eval_scores(path / EVAL_SCORES_FILE, notes)
-    return RunData(path, config, records, partition, summary, notes, eval_scores, scores_note)
+    flip_masks = None
+    if config is not None and _flip_attack(config):
+        read = _read_flip_masks(path / CHECKPOINT_FILE, config)
+        if isinstance(read, str):
+            notes.append(read)
+        else:
+            flip_masks = read
+    return RunData(path, config, records, partition, summary, notes, eval_scores, scores_note, flip_masks)

@@ -38,7 +38,7 @@ from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter, StrMethodF
 from fedtrust.ood.metrics import Calibration, calibration
 
 if TYPE_CHECKING:
-    from fedtrust.report.data import EvalScoresData, RunData
+    from fedtrust.report.data import EvalScoresData, FlipMasks, RunData
 
 __all__ = [
     "MAX_HIST_CLIENTS",
@@ -46,6 +46,7 @@ __all__ = [
     "RocCurve",
     "client_acc_png",
     "curves_png",
+    "flip_masks_png",
     "groups_png",
     "make_plots",
     "ood_hist_png",
@@ -180,6 +181,41 @@ def backdoor_png(runs: Sequence[RunData]) -> bytes | None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         _legend(ax)
+    return _png(fig)
+
+
+def _mask_panel(ax: Axes, image: np.ndarray, title: str) -> None:
+    """One mask as a grayscale image on a fixed [0, 1] scale (white = 1), no ticks."""
+    ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_title(title, fontsize="small")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def flip_mask_title(source: int, target: int, clients: int, l1: float) -> str:
+    """The title of a pair's panel: the pair, how many clients hold it, and the mean mask's L1."""
+    return f"{source}→{target} · {clients} client{'s' if clients != 1 else ''}\nL1 {l1:.1f}"
+
+
+def flip_masks_png(runs: Sequence[RunData]) -> bytes | None:
+    """FLIP's inverted masks toward the attack's target next to the real trigger: one row per FLIP run with
+    masks; the first panel is the trigger's pixels, then the mean mask of each pair (s, t). None without."""
+    shown = [run for run in runs if run.flip_masks is not None]
+    if not shown:
+        return None
+    cols = 1 + max(max(len(run.flip_masks.pairs) for run in shown if run.flip_masks), 1)
+    fig, axes = _grid(len(shown), cols, 1.45, 1.75)
+    for row, run in zip(axes, shown):
+        fm: FlipMasks = run.flip_masks  # type: ignore[assignment]
+        trig = fm.trigger.astype(np.float64)
+        first = f"{run.label}\n" if len(shown) > 1 else ""
+        _mask_panel(row[0], trig, f"{first}real trigger\n{int(trig.sum())} px")
+        for ax, pair in zip(row[1:], fm.pairs):
+            _mask_panel(ax, pair.mask, flip_mask_title(pair.source, fm.target, pair.clients, pair.l1))
+        if not fm.pairs:
+            _no_data(row[1], f"mask toward {fm.target}")
+        for ax in row[1 + max(len(fm.pairs), 1):]:
+            ax.set_visible(False)
     return _png(fig)
 
 
@@ -586,6 +622,19 @@ def _safe_key(text: str) -> str:
     return "".join(ch if ch.isascii() and (ch.isalnum() or ch in "-_.") else "_" for ch in text)[:80] or "run"
 
 
+def _flip_caption(runs: Sequence[RunData]) -> str:
+    """Per run with FLIP masks: the checkpoint's round, the benign clients with FLIP state, the sources found."""
+    parts = []
+    for run in runs:
+        fm = run.flip_masks
+        if fm is not None:
+            at = f"round {fm.round}" if fm.round is not None else "the last checkpoint"
+            left = f", attackers {', '.join(map(str, fm.excluded))} left out" if fm.excluded else ""
+            parts.append(f" {run.name}: {at}, {fm.clients} benign clients with FLIP state, {fm.num_sources} "
+                         f"source(s) with a mask toward {fm.target}{left}.")
+    return "".join(parts)
+
+
 def make_plots(runs: Sequence[RunData]) -> list[Plot]:
     """Every plot the runs have data for, in page order."""
     plots: list[Plot] = []
@@ -600,6 +649,12 @@ def make_plots(runs: Sequence[RunData]) -> list[Plot]:
     add("backdoor", "Backdoor", "Attack success rate (stamped non-target test images predicted as the target) "
         "and clean accuracy per evaluated round; dashed: counting only predictions whose top-1 probability "
         "reaches the rejection threshold τ (FLIP), where set.", backdoor_png(runs))
+    add("flip_masks", "FLIP inverted masks", "Left: the pixels the attack's full test trigger sets (white). Then, "
+        "for the attack's target class t, the mask m = tanh(a)/2 + 1/2 of each pair s→t cached in the benign "
+        "clients' FLIP state in checkpoint.safetensors (the pair's last inversion: its best mask when τ_inv was "
+        "reached, else its last step), averaged over the clients that hold the pair (their count above each "
+        "panel), with the mean's L1; at most 9 sources, those with the smallest L1. Black 0, white "
+        "1." + _flip_caption(runs), flip_masks_png(runs))
     add("client_acc", "Per-client accuracy", "Personalized accuracy of each client at the final evaluation, "
         "sorted; the dashed line is the mean over clients with a test set.", client_acc_png(runs))
     for k, group in enumerate(_partition_groups(runs)):

@@ -323,6 +323,22 @@ def backdoor_test_set(x: Tensor, y: Tensor, trigger: Stamper | DBATrigger, targe
     return stamped, torch.full_like(y[keep], target)
 
 
+def stamped_pixels(trigger: Stamper, image_shape: Sequence[int]) -> Tensor:
+    """The bool (H, W) map of the pixels ``trigger`` changes on some image of ``image_shape`` (C, H, W): the
+    pixels where its stamp differs from an all-black or an all-white uint8 image in any channel.
+
+    Any :class:`Stamper` works (a pixel trigger: its rectangles whatever its value; a blend trigger: every
+    pixel its pattern moves), so what is shown as "the trigger" is what its own ``stamp`` does."""
+    if isinstance(trigger, DBATrigger):
+        raise ConfigError("stamped_pixels: pass dba.piece(i) or dba.union(), not the DBATrigger")
+    if len(image_shape) != 3 or min(image_shape) < 1:
+        raise ConfigError(f"stamped_pixels: image_shape must be (C, H, W); got {tuple(image_shape)}")
+    shape = (1, *(int(s) for s in image_shape))
+    black, white = torch.zeros(shape, dtype=torch.uint8), torch.full(shape, 255, dtype=torch.uint8)
+    changed = (trigger.stamp(black) != black) | (trigger.stamp(white) != white)
+    return changed[0].any(dim=0)
+
+
 # --------------------------------------------------------------------------------------------- config
 
 

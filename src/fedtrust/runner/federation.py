@@ -28,6 +28,7 @@ from fedtrust.fl.context import AlgorithmContext, LocalSchedule
 from fedtrust.fl.defense import Defense, RootUpdate, server_generator
 from fedtrust.robust.aggregators import build_aggregator
 from fedtrust.robust.attacks import Attack, build_attack
+from fedtrust.robust.triggers import Stamper
 from fedtrust.evaluation import EvalSetup, EvaluatesClients
 from fedtrust.fl.executor import ClientData, Executor
 from fedtrust.fl.protocol import Algorithm, ClientContext, Message, OptimizerSpec
@@ -220,13 +221,22 @@ def build_defense(cfg: RunConfig) -> Defense:
                    max_update_norm=d.max_update_norm, min_replies=d.min_replies, seed=cfg.seed)
 
 
-def backdoor_test(attack: Attack | None, test: ImageSet) -> tuple[torch.Tensor, int] | None:
-    """The ASR test set of a backdoor attack: non-target test images stamped with its full trigger."""
+def asr_trigger(attack: Attack | None, image_shape: tuple[int, ...]) -> tuple[Stamper, int] | None:
+    """The full trigger a backdoor attack's ASR stamps on test images of ``image_shape`` (C, H, W), and its
+    target class; None without a backdoor attack."""
     if attack is None or not hasattr(attack, "test_trigger"):
         return None
-    target = attack.params.target
+    return attack.test_trigger(image_shape), attack.params.target
+
+
+def backdoor_test(attack: Attack | None, test: ImageSet) -> tuple[torch.Tensor, int] | None:
+    """The ASR test set of a backdoor attack: non-target test images stamped with its full trigger."""
+    full = asr_trigger(attack, test.shape)
+    if full is None:
+        return None
+    trigger, target = full
     keep = test.y != target
-    return attack.test_trigger(test.shape).stamp(test.x[keep]), target
+    return trigger.stamp(test.x[keep]), target
 
 
 def build_run_attack(cfg: RunConfig, num_classes: int) -> Attack | None:
