@@ -126,8 +126,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runpool import (REPO, RESULTS, SHARED_DATA, Job, benchmark_parser, machine_note, md_table, mean_std, run_jobs,
-                     shared_data_available, total_minutes, with_analysis, write_results)
+from runpool import (benchmark_parser, Job, machine_note, md_table, mean_std, REPO, RESULTS, run_header, run_jobs,
+                     SHARED_DATA, shared_data_available, with_analysis, write_results)
 
 TAU = 0.4  # FLIP's rejection threshold in its continuous runs (spec flip.md §3); every run evaluates with it
 LIFESPAN_FLOOR = 0.025  # pre-attack ASR level used when the clean run's is lower (module docstring)
@@ -645,15 +645,7 @@ def chosen(value: str, known: Sequence[str], what: str) -> list[str]:
 def header_lines(args, plans: dict[str, Plan], every: list[Job], todo: int, elapsed_min: float, cmd: str,
                  notes: list[str], clips: dict[str, tuple[float, float]]) -> list[str]:
     quick = " — QUICK SMOKE TEST, not the benchmark" if args.quick else ""
-    lines = [f"# Backdoor defenses: FLIP against robust aggregation (issue 15){quick}", "",
-             f"Reproduce: `{cmd}` (from the repository root; runs kept under `{args.work}`; `PYTHONPATH=src` where "
-             "fedtrust is not installed).", "",
-             f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; seeds {args.seeds}; {len(every)} runs.",
-             f"- Hardware: {machine_note()}; one torch thread per run, {args.jobs} at a time, "
-             f"{args.runs_per_process} runs per process; 1-minute load average at the end {os.getloadavg()[0]:.1f}.",
-             f"- Total run time: {elapsed_min:.1f} min of wall time for the {todo} runs this invocation ran "
-             f"({len(every) - todo} were already done); the runs' own wall times add up to "
-             f"{total_minutes(every):.1f} min."]
+    lines = run_header(f"Backdoor defenses: FLIP against robust aggregation (issue 15){quick}", cmd, args, every, todo, elapsed_min)
     for d, p in plans.items():
         walls = [j.summary()["wall_time_s"] for j in p.runs.values()]
         lines.append(f"- {p.setting.title}: {p.setting.description}. Median attack run "

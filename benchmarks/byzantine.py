@@ -64,14 +64,13 @@ aggregator; the aggregator's own cost is the difference to ``mean``.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from runpool import (REPO, RESULTS, SHARED_DATA, Job, benchmark_parser, machine_note, md_table, mean_std, run_jobs,
-                     shared_data_available, total_minutes, with_analysis, write_results)
+from runpool import (benchmark_parser, Job, md_table, mean_std, REPO, RESULTS, run_header, run_jobs, SHARED_DATA,
+                     shared_data_available, with_analysis, write_results)
 
 SIGN_FLIP_SCALE = 4.0
 ROOT_SIZE = 100  # FLTrust's root data set, held out of the training set
@@ -275,15 +274,7 @@ def scaled_note(p: Plan) -> str:
 def header_lines(args, plans: dict[str, Plan], every: list[Job], todo: int, elapsed_min: float,
                  cmd: str, notes: list[str]) -> list[str]:
     quick = " — QUICK SMOKE TEST" if args.quick else ""
-    lines = [f"# Byzantine robustness: attacks × aggregators under FedAvg (issue 13){quick}", "",
-             f"Reproduce: `{cmd}` (from the repository root; runs kept under `{args.work}`; `PYTHONPATH=src` where "
-             "fedtrust is not installed).", "",
-             f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; seeds {args.seeds}; {len(every)} runs.",
-             f"- Hardware: {machine_note()}; one torch thread per run, {args.jobs} at a time, "
-             f"{args.runs_per_process} runs per process; 1-minute load average at the end {os.getloadavg()[0]:.1f}.",
-             f"- Total run time: {elapsed_min:.1f} min of wall time for the {todo} runs this invocation ran "
-             f"({len(every) - todo} were already done); the runs' own wall times add up to "
-             f"{total_minutes(every):.1f} min."]
+    lines = run_header(f"Byzantine robustness: attacks × aggregators under FedAvg (issue 13){quick}", cmd, args, every, todo, elapsed_min)
     for p in plans.values():
         walls = [j.summary()["wall_time_s"] for j in p.jobs.values()]
         lines.append(f"- {p.setting.title}: {p.setting.description}; {p.rounds} rounds; malicious fractions "

@@ -234,3 +234,17 @@ def machine_note() -> str:
 
 if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
     _worker()
+
+
+def run_header(title: str, cmd: str, args, every: list[Job], todo: int, elapsed_min: float) -> list[str]:
+    """The header every quality benchmark's results file opens with: title, the command that reproduces it,
+    date, seeds, hardware, parallelism and run time."""
+    return [f"# {title}", "",
+            f"Reproduce: `{cmd}` (from the repository root; runs kept under `{args.work}`; `PYTHONPATH=src` where "
+            "fedtrust is not installed).", "",
+            f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; seeds {args.seeds}; {len(every)} runs.",
+            f"- Hardware: {machine_note()}; one torch thread per run, {args.jobs} at a time, "
+            f"{args.runs_per_process} runs per process; 1-minute load average at the end {os.getloadavg()[0]:.1f}.",
+            f"- Total run time: {elapsed_min:.1f} min of wall time for the {todo} runs this invocation ran "
+            f"({len(every) - todo} were already done); the runs' own wall times add up to "
+            f"{total_minutes(every):.1f} min."]
