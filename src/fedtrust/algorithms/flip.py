@@ -23,12 +23,18 @@ batches, ``train.drop_last``), at most ``max_steps`` of them:
   ``random_pair_prob`` else the argmax of ``mat_diff`` (source present, ≠ the previous source). Both
   classes in the batch: :func:`~fedtrust.robust.inversion.invert_pair` (s→t stamped on the source images,
   t→s on the target's, ``portion``·min(n_s, n_t) each); only the source: one s→t trigger on ``portion`` of
-  the source images. Masks warm-start from the pair's cache. No step when a mask's L1 exceeds H·W/8, else
+  the source images. Masks warm-start from the pair's cache. No step when a mask's L1 exceeds
+  ``max_mask_frac``·H·W (FLIP: H·W/8; here also in warm-up: an oversized universal trigger replaces the
+  image, and training its true label on it teaches the model nothing but noise), else
   one Adam step, CE on the true labels over the whole batch. ``mat_diff[s, t]`` ← (mat_diff[s, t] + g)/2
   with g = (new − old)/old the relative growth of the pair's mask L1.
 
-Inversions start at random (spec §7.3: no knowledge of the trigger's location); all randomness (batches,
-exemplars, pairs, inversions) comes from the client's generator ``ctx.generator``. The per-client state
+The hardening is a client program (:mod:`fedtrust.fl.programs`): each inversion is an
+:class:`~fedtrust.robust.inversion.InversionJob` request (the primitive of ``invert_trigger`` and
+``invert_pair``), so the vectorised executor solves a round's inversions of one shape together, and every
+client has its own model copy. Inversions start at random (spec §7.3: no knowledge of the trigger's
+location); all randomness (batches, exemplars, pairs, inversions) comes from the client's generator
+``ctx.generator``. The per-client state
 (``flip/…`` keys of the executor-held client state: ``mat_diff``, ``l1``, ``seen`` and the per-pair cache
 ``cache/<s>_<t>/a|b``) is checkpointed with the client store and never replied. With ``invert=false`` the
 client is FedAvg's (the configured optimizer and schedule), so FLIP off reproduces the undefended run.
