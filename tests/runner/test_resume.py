@@ -115,7 +115,7 @@ def assert_same_run(resumed: Path, full: Path) -> None:
     (["algorithm.name=fedloge", "algorithm.refine_steps=50"], "/head_l/"),
     (["algorithm.name=ditto"], "/personal/"),
     (["algorithm.name=flip", "algorithm.warmup_steps=20", "algorithm.pair_steps=10", "algorithm.refine_steps=5",
-      "algorithm.tau_inv=0.3", "attack.name=backdoor", "attack.ids=[3]"], "/flip/cache/"),
+      "algorithm.tau_inv=0.3", "attack.name=backdoor", "attack.ids=[3]"], "/flip/"),
 ], ids=["fedloge", "ditto", "flip"])
 def test_kill_and_resume_keeps_client_state(tmp_path, algorithm, kept):
     """FedLoGe's local heads L_k, Ditto's personal models v_k and FLIP's inversion state (pair matrices,

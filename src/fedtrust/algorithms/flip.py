@@ -137,6 +137,9 @@ class Flip(FedAvg):
     def _harden(self, message: Message, data: ImageSet, client_state: Message,
                 ctx: ClientContext) -> ClientProgram:
         p, sched, k = self.params, self.ctx.schedule, self.ctx.num_classes
+        # the global RNG leaves every client as a function of (seed, round, client), as after train_locally,
+        # so a checkpoint's RNG state is the same after a resume (nothing drawn from ctx.generator for it)
+        seed_global_rngs(ctx.generator.initial_seed())
         model = copy.deepcopy(self.template)  # its own copy: programs of several clients interleave
         load_state(model, message.prefixed("model"), self.ctx.device)
         model.train()
