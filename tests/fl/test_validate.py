@@ -71,3 +71,15 @@ def test_update_norm_bound_rejects_only_the_large_update():
     valid, rejected = validate_replies(s, {0: near, 1: far}, max_update_norm=2.0)
     assert list(valid) == [0] and "update norm 9.798 exceeds defense.max_update_norm=2" in rejected[1]
     assert validate_replies(s, {0: near, 1: far})[1] == {}
+
+
+def test_replies_sharing_a_renamed_key_cannot_outvote_the_sound_ones():
+    """Two replies with the same key renamed (a key the server does not know) against two sound ones: the
+    tie used to go to the lowest client id, so the sound replies were rejected and the renamed key reached
+    the server state. The reference now prefers the signature with the fewest unknown keys."""
+    state = Message({"model/w": torch.zeros(2), "model/b": torch.zeros(1)})
+    sound = Message({"model/w": torch.ones(2), "model/b": torch.ones(1)}, {"num_examples": 1})
+    renamed = Message({"model/w": torch.ones(2), "model/b.x": torch.ones(1)}, {"num_examples": 1})
+    valid, rejected = validate_replies(state, {0: renamed, 1: renamed, 2: sound, 3: sound})
+    assert sorted(valid) == [2, 3] and sorted(rejected) == [0, 1]
+    assert all("missing key 'model/b'" in r for r in rejected.values())

@@ -17,6 +17,7 @@ from fedtrust.fl.protocol import Message  # noqa: E402
 from fedtrust.flower.app_config import FlowerSettings, config_table, flatten  # noqa: E402
 from fedtrust.flower.client_app import STATE_PREFIX, make_client_app  # noqa: E402
 from fedtrust.flower.executor import FlowerExecutor, bind_grid  # noqa: E402
+from fedtrust.flower.node_state import NodeStateFiles  # noqa: E402
 from fedtrust.flower.records import from_records, has_message  # noqa: E402
 from fedtrust.flower.server_app import discover_clients  # noqa: E402
 from fedtrust.runner.config import build_config, config_to_dict  # noqa: E402
@@ -230,3 +231,49 @@ def test_a_run_on_flower_that_dies_resumes_to_the_sequential_result(loopback_gri
         return [{k: v for k, v in r.items() if k != "time_s"} for r in records]
 
     assert strip(read_metrics(tmp_path / "flower")) == strip(read_metrics(tmp_path / "seq"))
+
+
+def test_node_state_on_disk_carries_a_resumed_run_on_new_nodes(loopback_grid, tmp_path):
+    """Ditto keeps each client's personal model on its node. Rounds 1-2 on one set of nodes, then rounds 3-4
+    on NEW nodes (empty contexts: what a resumed run starts) that find the state their predecessors wrote
+    under node-config ``state-dir``: every node's state and the server state equal the uninterrupted
+    run's, bit for bit. Without ``state-dir`` the new nodes restart from nothing and their states differ
+    (the test can tell). Rules out state written late or not at all, a version from the wrong round."""
+    args = ARGS + ["executor=flower", "algorithm.name=ditto", "eval.personalized=false", "data.clients_per_round=3"]
+    cfg = build_config({}, args)
+    app = make_client_app(config_to_dict(cfg))
+    fed = build_federation(cfg)
+    settings = FlowerSettings(round_timeout=30.0, join_timeout=5.0)
+
+    def rounds(grid, state, start: int, end: int) -> Message:
+        with bind_grid(grid, settings):
+            return fed.executor.run(state, ClientStore(), start, end)
+
+    def node_states(grid) -> dict[int, Message]:
+        return {n: from_records(c.state, STATE_PREFIX) for n, c in grid.contexts.items()
+                if has_message(c.state, STATE_PREFIX)}
+
+    torch.manual_seed(0)
+    init = fed.algorithm.init()
+    grid = loopback_grid(app, NODES)
+    whole, whole_nodes = rounds(grid, init, 0, 4), node_states(grid)
+
+    def split(state_dir) -> tuple[Message, dict[int, Message]]:
+        nodes = {n: {**c, **({"state-dir": str(state_dir)} if state_dir else {})} for n, c in NODES.items()}
+        half = rounds(loopback_grid(app, nodes), init, 0, 2)
+        second = loopback_grid(app, nodes)
+        return rounds(second, half, 2, 4), node_states(second)
+
+    resumed, resumed_nodes = split(tmp_path / "nodes")
+    assert all(torch.equal(resumed.arrays[k], whole.arrays[k]) for k in whole.arrays)
+    assert len(whole_nodes) >= 3 and 0 < len(resumed_nodes) < len(whole_nodes)  # some only trained before
+    for n, want in whole_nodes.items():  # a node idle since the "resume" holds its state on disk only
+        got = resumed_nodes.get(n) or NodeStateFiles(tmp_path / "nodes" / f"client-{n - 100}").latest_before(5)
+        assert all(torch.equal(got.arrays[k], v) for k, v in want.arrays.items()), n
+    written = sorted(p.relative_to(tmp_path / "nodes").as_posix() for p in (tmp_path / "nodes").rglob("*.safetensors"))
+    assert written and all(p.startswith("client-") and "/round-" in p for p in written)
+    assert max(len(list(d.iterdir())) for d in (tmp_path / "nodes").iterdir()) <= 2  # checkpoint_every + 1
+    _, forgetful_nodes = split(None)
+    assert any(not torch.equal(forgetful_nodes[n].arrays[k], v) for n, want in whole_nodes.items()
+               for k, v in want.arrays.items() if n in forgetful_nodes), \
+        "new nodes without their state ended with the same state: the test cannot see lost state"

@@ -162,6 +162,8 @@ def test_fedloge_metrics_equal_on_sequential_vectorized_and_flower(tmp_path, one
     seq, flw = run("sequential", "seq"), run("flower", "flower")
     assert [r["round"] for r in flw] == [1, 2, 3]
     assert set(flw[-1]["by_predictor"]) == {"universal", "global", "personalized"}
+    kept = sorted(p.parent.name for p in (tmp_path / "flower" / "nodes").glob("client-*/round-*.safetensors"))
+    assert kept and set(kept) <= {f"client-{k}" for k in range(6)}, "the nodes kept no state on disk for a resume"
     assert_close(seq, flw, rel=1e-5, abs=1e-6)
     personal = flw[-1]["by_predictor"]["personalized"]
     assert personal["client_acc"] != flw[-1]["by_predictor"]["global"]["client_acc"]  # L_k counts
@@ -198,3 +200,33 @@ def test_attack_and_defense_equal_on_sequential_vectorized_and_flower(tmp_path, 
     with default_dtype(torch.float64):
         seq64, vec64 = run("sequential", "seq64"), run("vectorized", "vec64")
     assert_close(seq64, vec64, rel=1e-7, abs=1e-9)
+
+
+def test_injected_faults_fail_the_same_clients_on_flower_as_in_process(tmp_path, one_thread, shared_ray):
+    """The same fault schedule on Flower's nodes as on the sequential executor: a crashing node (an error
+    reply), a hanging node (it really sleeps 40 s, past the 30 s deadline: the server hears nothing; the
+    deadline leaves a loaded machine time to build the clients in round 1), a node replying a wrong shape
+    (rejected by validation with its reason), and a round where every client crashes (the previous state
+    is kept). Metrics equal the sequential run's; failures carry the same
+    clients. Rules out faults drawn from anything a node does not share with the server, a silent node
+    that stalls the run, and a malformed reply that reaches the aggregator on Flower."""
+    args = ARGS + ["faults.crash=0.2", "faults.hang=0.2", "faults.garbage=0.2", "faults.garbage_kinds=[shape]",
+                   "faults.round_timeout=30", "faults.hang_seconds=40", "seed=6", "eval.personalized=false"]
+
+    def run(executor: str, name: str) -> list[dict]:
+        fedtrust.run(None, args + [f"executor={executor}", f"out={tmp_path / name}"], progress=False, report=False)
+        return metrics(tmp_path / name)
+
+    seq, flw = run("sequential", "seq"), run("flower", "flower")
+    # the schedule of seed 6 (tests/fl/test_faults.py checks schedules in general): round 1 client 2 replies a
+    # wrong shape; round 2 client 1 hangs, 3 crashes; round 3 clients 0, 2, 4 all crash
+    assert [sorted(r.get("failed", {})) for r in seq] == [[], ["1", "3"], ["0", "2", "4"]]
+    assert [sorted(r.get("failed", {})) for r in flw] == [[], ["1", "3"], ["0", "2", "4"]]
+    assert flw[1]["failed"]["1"] == "no reply within 30 s" and "injected hang" in seq[1]["failed"]["1"]
+    assert flw[1]["failed"]["3"] == seq[1]["failed"]["3"] == "injected crash (faults.crash=0.2)"
+    for records in (seq, flw):
+        assert "has shape" in records[0]["rejected"]["2"]
+        assert "kept the previous server state" in records[2]["skipped"]
+    drop = ("failed",)
+    assert_close([{k: v for k, v in r.items() if k not in drop} for r in seq],
+                 [{k: v for k, v in r.items() if k not in drop} for r in flw], rel=1e-5, abs=1e-6)

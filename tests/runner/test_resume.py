@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -187,4 +188,87 @@ def test_kill_and_resume_keeps_the_optimizer_state(tmp_path):
     assert "client/0/optim/step" in load_file(str(killed / "checkpoint.safetensors")), \
         "the checkpoint holds no kept optimizer state"
     resume(killed)
+    assert_same_run(killed, full)
+
+
+def test_resume_falls_back_to_the_previous_checkpoint_when_the_latest_is_damaged(tmp_path):
+    """A killed run's latest checkpoint is truncated (a disk fault): --resume says so, goes back to the
+    previous checkpoint (one round earlier), re-runs from there and ends exactly as the uninterrupted run.
+    Rules out a resume that trusts the damaged file, one that gives up although a sound one is kept, and
+    metrics that keep the rounds the previous checkpoint does not cover."""
+    rounds, args = 6, SMALL + ["eval.personalized=false"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    run_through(full, args, rounds)
+    run_and_kill(killed, args, rounds, after=3)
+    latest = killed / "checkpoint.safetensors"
+    previous_round = checkpoint_meta(killed)["round"] - 1
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+    out = subprocess.run([sys.executable, "-m", "fedtrust.cli", "run", "--resume", str(killed)],
+                         check=True, timeout=300, env=_env(), capture_output=True, text=True).stdout
+    assert "is unreadable" in out and "resuming from the previous checkpoint" in out
+    assert f"resuming {killed} after round {previous_round}" in " ".join(out.split())
+    assert (killed / "checkpoint.corrupt.safetensors").exists()
+    assert_same_run(killed, full)
+
+
+def _kill_when(proc: subprocess.Popen, out: Path, point: str, delay: float, deadline: float) -> str:
+    """SIGKILL ``proc`` at ``point``: ``checkpoint`` the moment a checkpoint's temporary file exists (a
+    checkpoint write under way), ``metrics`` the moment a new metrics record appears (right after a
+    metrics write, before the round's checkpoint), ``anytime`` ``delay`` seconds after the run's first
+    record (in training or evaluation). Returns where the kill landed (the point, or ``late`` when the
+    run was past it)."""
+    tmp = out / "checkpoint.safetensors.tmp"
+    metrics = out / "metrics.jsonl"
+    size0 = metrics.stat().st_size if metrics.exists() else 0
+    started = None
+    landed = point
+    while proc.poll() is None and time.monotonic() < deadline:
+        if point == "checkpoint" and tmp.exists():
+            break
+        size = metrics.stat().st_size if metrics.exists() else 0
+        if point == "metrics" and size > size0:
+            break
+        if point == "anytime" and size > 0:
+            started = started or time.monotonic()
+            if time.monotonic() - started >= delay:
+                break
+        time.sleep(0.0005)
+    else:
+        landed = "late"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    return landed
+
+
+@pytest.mark.slow
+def test_kill_anywhere_many_times_then_resume_equals_the_uninterrupted_run(tmp_path):
+    """The kill-anywhere harness: one run SIGKILLed 10 times at points drawn from a seeded RNG (during a
+    checkpoint write, right after a metrics write, at a random moment in training or evaluation), resumed
+    after each kill, then run to the end: its metrics, summary and every tensor of its final checkpoint
+    equal an uninterrupted run's. Ditto with the last two checkpoints kept and a client store to carry.
+    Rules out a kill point that loses or duplicates a round, tears a checkpoint, or leaves a state that
+    a resume cannot read."""
+    import random
+
+    rounds, args = 12, SMALL + ["algorithm.name=ditto", "eval.every=3"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    run_through(full, args, rounds)
+    rng = random.Random(7)
+    landed: list[str] = []
+    for i in range(10):
+        if (killed / "summary.json").exists():
+            break
+        checkpoints = [killed / "checkpoint.safetensors", killed / "checkpoint.prev.safetensors"]
+        if killed.exists() and not any(p.exists() for p in checkpoints):  # killed before its first checkpoint
+            shutil.rmtree(killed)
+        cmd = (_cli(*args, f"rounds={rounds}", f"out={killed}") if not killed.exists()
+               else [sys.executable, "-m", "fedtrust.cli", "run", "--quiet", "--resume", str(killed)])
+        proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        point = rng.choice(["checkpoint", "metrics", "anytime"])
+        landed.append(_kill_when(proc, killed, point, rng.uniform(0.0, 1.5), time.monotonic() + 120))
+        assert proc.returncode in (-signal.SIGKILL, 0), proc.stderr.read().decode()[-2000:]
+    assert sum(p != "late" for p in landed) >= 8, f"too few kills landed where drawn: {landed}"
+    assert {"checkpoint", "metrics", "anytime"} <= set(landed), landed
+    while not (killed / "summary.json").exists():
+        resume(killed)
     assert_same_run(killed, full)

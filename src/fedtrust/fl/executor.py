@@ -8,9 +8,16 @@ the valid ones, then hand a :class:`RoundReport` to the callbacks (evaluation,
 metrics, checkpoints, progress). A subclass only says how a round's clients are
 executed (:meth:`Executor.execute`).
 
-A round whose valid replies are fewer than ``defense.min_replies`` keeps the
+A client that raises, stays silent past the round's deadline or straggles
+(genuinely, or injected by ``faults``: :mod:`fedtrust.fl.faults`) is left out of
+the round and logged with its id and reason (``"failed"``, and
+``"failed_fraction"`` of the sampled clients); its persistent state stays as it
+was. A round whose valid replies are fewer than ``defense.min_replies`` keeps the
 previous server state and says why in its metrics; rejected replies are logged
-with their client id and reason (``"rejected"``). The run goes on either way.
+with their client id and reason (``"rejected"``). The run goes on either way, except
+when no client of a round replied and one of them raised a genuine error (not an
+injected fault, not a timeout): that is a bug or a broken setup, and the first
+such error stops the run.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from typing import Any
 import torch
 
 from fedtrust.data.types import ImageSet
+from fedtrust.errors import FedTrustError
+from fedtrust.fl.faults import Faults, failure_reason, is_injected
 from fedtrust.fl.protocol import Algorithm, ClientContext, Message
 from fedtrust.fl.runtime import ClientRuntime
 from fedtrust.fl.sampling import Sampler, client_generator, force_clients, sample_clients
@@ -63,6 +72,34 @@ class ClientData:
         return self.train.subset(self.indices[k])
 
 
+class Replies(dict[int, Message]):
+    """A round's replies by client id, and the clients that gave none: ``failed`` (id → one-line reason)
+    and, in process, ``errors`` (id → the exception a client raised)."""
+
+    def __init__(self, replies: dict[int, Message] | None = None, failed: dict[int, str] | None = None,
+                 errors: dict[int, BaseException] | None = None) -> None:
+        super().__init__(sorted((replies or {}).items()))
+        self.errors: dict[int, BaseException] = dict(sorted((errors or {}).items()))
+        reasons = {**(failed or {}), **{c: failure_reason(e) for c, e in self.errors.items()}}
+        self.failed: dict[int, str] = dict(sorted(reasons.items()))
+
+
+def fail_if_broken(replies: Replies, round: int) -> None:
+    """Stop the run when no sampled client of ``round`` replied and one of them raised a genuine error
+    (not an injected fault, not a timeout): re-raise the first such exception (in process), else a
+    one-line error. A round lost to injected faults or silence alone keeps the previous state instead."""
+    if len(replies) or not replies.failed:
+        return
+    genuine = {c: r for c, r in replies.failed.items() if not is_injected(r) and not r.startswith("no reply")}
+    if not genuine:
+        return
+    first = next(iter(genuine))
+    if first in replies.errors:
+        raise replies.errors[first]
+    raise FedTrustError(f"round {round}: all {len(replies.failed)} sampled clients failed; "
+                        f"client {first}: {genuine[first]}")
+
+
 @dataclass
 class RoundReport:
     """What callbacks see after a round: who took part, the replies' metadata, and metrics so far."""
@@ -98,18 +135,20 @@ class Executor:
 
     def __init__(self, algorithm: Algorithm, data: ClientData, seed: int, device: torch.device,
                  num_sampled: int, log: Callable[[str], None] | None = None, attack: Attack | None = None,
-                 sampler: Sampler = sample_clients) -> None:
+                 sampler: Sampler = sample_clients, faults: Faults | None = None) -> None:
         self.algorithm = algorithm
         self.sampler = sampler
         self.attack = attack
-        self.runtime = ClientRuntime(algorithm, attack)
+        self.faults = faults if faults is not None and faults.active else None
+        self.runtime = ClientRuntime(algorithm, attack, self.faults)
         self.data = data
         self.seed = seed
         self.device = device
         self.num_sampled = num_sampled
         self.log: Callable[[str], None] = log or (lambda message: None)
 
-    def execute(self, messages: dict[int, Message], round: int, store: ClientStore) -> dict[int, Message]:
+    def execute(self, messages: dict[int, Message], round: int, store: ClientStore) -> Replies:
+        """Run the round's clients; the replies of those that answered, with the failures."""
         raise NotImplementedError
 
     def sample(self, round: int) -> list[int]:
@@ -140,6 +179,17 @@ class Executor:
         state, agg_metrics = self.algorithm.aggregate(state, valid, round)
         return state, {**metrics, **agg_metrics}
 
+    def collude(self, state: Message, messages: dict[int, Message], replies: dict[int, Message],
+                round: int) -> dict[int, Message]:
+        """An omniscient attack's rewrite of the round's replies, from the replies that pass validation
+        (a garbage reply is nothing to craft from); the others go on unchanged, to be rejected."""
+        if self.attack is None:
+            return dict(replies)
+        specs = {c: self.algorithm.reply_spec(messages[c]) for c in replies}
+        usable, _ = validate_replies(state, replies, None, specs)
+        crafted = self.runtime.collude(state, messages, usable, round)
+        return dict(sorted({**replies, **crafted}.items()))
+
     def client_context(self, client: int, round: int) -> ClientContext:
         return ClientContext(client, round, client_generator(self.seed, round, client), self.device)
 
@@ -151,8 +201,15 @@ class Executor:
         for r in range(start_round + 1, rounds + 1):
             clients = self.sample(r)
             messages = self.algorithm.configure(state, r, clients)
-            replies = self.runtime.collude(state, messages, self.execute(messages, r, store), r)
+            executed = self.execute(messages, r, store)
+            fail_if_broken(executed, r)
+            replies = self.collude(state, messages, executed, r)
             state, metrics = self.aggregate(state, replies, r, messages)
+            if executed.failed:
+                for c, reason in executed.failed.items():
+                    self.log(f"round {r}: client {c} failed: {reason}")
+                metrics = {"failed": {str(c): v for c, v in executed.failed.items()},
+                           "failed_fraction": len(executed.failed) / len(messages), **metrics}
             report = RoundReport(r, clients, {c: m.meta for c, m in replies.items()}, state, store, metrics)
             for cb in callbacks:
                 cb.after_round(report)
@@ -169,11 +226,16 @@ class SequentialExecutor(Executor):
 
     name = "sequential"
 
-    def execute(self, messages: dict[int, Message], round: int, store: ClientStore) -> dict[int, Message]:
-        replies = {}
+    def execute(self, messages: dict[int, Message], round: int, store: ClientStore) -> Replies:
+        replies: dict[int, Message] = {}
+        errors: dict[int, BaseException] = {}
         for c in sorted(messages):
-            reply, new_state = self.runtime.run(
-                messages[c], self.data.client(c), store.get(c), self.client_context(c, round))
+            try:
+                reply, new_state = self.runtime.run(
+                    messages[c], self.data.client(c), store.get(c), self.client_context(c, round))
+            except Exception as e:  # noqa: BLE001 - this client's failure: recorded, left out of the round
+                errors[c] = e
+                continue
             store.set(c, new_state)
             replies[c] = reply
-        return replies
+        return Replies(replies, errors=errors)

@@ -13,6 +13,13 @@ An attack (:class:`~fedtrust.robust.attacks.Attack`) wraps both: it may change t
 client's data (such a client then takes the general path, whose trainer reads the
 changed data), and its reply. Its choice of clients and rounds is fixed by the
 config, so the same clients attack in the same rounds on every executor.
+
+Injected faults (:class:`~fedtrust.fl.faults.Faults`) wrap them too: a crashing,
+hanging or straggling client raises :class:`~fedtrust.fl.faults.ClientFault` before
+it trains (:meth:`ClientRuntime.run`, :meth:`ClientRuntime.plan`), a garbage reply
+replaces the reply after the attack (:meth:`ClientRuntime.run`,
+:meth:`ClientRuntime.finish`). The executors catch what a client raises and record
+it as that client's failure.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from fedtrust.data.types import ImageSet
+from fedtrust.fl.faults import Faults
 from fedtrust.fl.local import plan_list, train_locally
 from fedtrust.fl.programs import ClientProgram, run_programs
 from fedtrust.fl.protocol import Algorithm
@@ -39,6 +47,7 @@ class ClientRuntime:
 
     algorithm: Algorithm
     attack: Attack | None = None
+    faults: Faults | None = None
 
     def malicious(self, ctx: ClientContext) -> bool:
         """True when this client attacks in this round."""
@@ -65,6 +74,7 @@ class ClientRuntime:
     def run(self, message: Message, data: ImageSet, client_state: Message,
             ctx: ClientContext) -> tuple[Message, Message]:
         """``run_client``: one client's reply and new persistent state, on any executor."""
+        self._check_faults(ctx)
         own, attack_state = self._split(client_state, ctx)
         bad = self.malicious(ctx)
         if bad:
@@ -78,31 +88,48 @@ class ClientRuntime:
         else:
             reply, state = self.algorithm.client_update(message, data, own, ctx)
         reply = self.attack.poison_reply(message, reply, ctx) if bad else reply
-        return reply, self._merge(message, state, attack_state, ctx)
+        return self._corrupt(reply, ctx), self._merge(message, state, attack_state, ctx)
+
+    def _check_faults(self, ctx: ClientContext) -> None:
+        if self.faults is not None:
+            self.faults.before_training(ctx)
+
+    def _corrupt(self, reply: Message, ctx: ClientContext) -> Message:
+        return self.faults.corrupt(reply, ctx) if self.faults is not None else reply
 
     def run_together(self, jobs: dict[int, tuple[Message, ImageSet, Message, ClientContext]]
-                     ) -> dict[int, tuple[Message, Message]]:
+                     ) -> tuple[dict[int, tuple[Message, Message]], dict[int, Exception]]:
         """:meth:`run` for several clients of a round (``client -> (message, data, state, ctx)``): benign
         clients whose algorithm has a :meth:`~fedtrust.fl.protocol.Algorithm.client_program` run their
         programs in lock-step, their requests batched (:func:`~fedtrust.fl.programs.run_programs`); the
-        others (attacking clients, algorithms without a program) run one after another."""
+        others (attacking clients, algorithms without a program) run one after another.
+
+        Returns ``(results, errors)``: what a client raised before its program started, or while it ran
+        alone, is its error (its state unchanged); an error inside the lock-step programs is not one
+        client's and propagates."""
         out: dict[int, tuple[Message, Message]] = {}
+        errors: dict[int, Exception] = {}
         programs: dict[int, ClientProgram] = {}
         kept: dict[int, tuple[Message, dict[str, Tensor], ClientContext]] = {}
         for c, (message, data, client_state, ctx) in sorted(jobs.items()):
-            own, attack_state = self._split(client_state, ctx)
-            program = None if self.malicious(ctx) else self.algorithm.client_program(message, data, own, ctx)
-            if program is None:
-                out[c] = self.run(message, data, client_state, ctx)
-            else:
-                programs[c], kept[c] = program, (message, attack_state, ctx)
+            try:
+                self._check_faults(ctx)
+                own, attack_state = self._split(client_state, ctx)
+                program = None if self.malicious(ctx) else self.algorithm.client_program(message, data, own, ctx)
+                if program is None:
+                    out[c] = self.run(message, data, client_state, ctx)
+                else:
+                    programs[c], kept[c] = program, (message, attack_state, ctx)
+            except Exception as e:  # noqa: BLE001 - this client's failure, recorded by the executor
+                errors[c] = e
         for c, (reply, state) in run_programs(programs).items():
             message, attack_state, ctx = kept[c]
-            out[c] = reply, self._merge(message, state, attack_state, ctx)
-        return dict(sorted(out.items()))
+            out[c] = self._corrupt(reply, ctx), self._merge(message, state, attack_state, ctx)
+        return dict(sorted(out.items())), errors
 
     def plan(self, message: Message, client_state: Message, ctx: ClientContext) -> LocalTraining | None:
         """The client's declarative training, or None when it must take the general path (:meth:`run`)."""
+        self._check_faults(ctx)
         if not type(self.algorithm).declarative:  # its client_update is the truth (FLIP's hardening)
             return None
         if self.malicious(ctx) and (self.attack.changes_data or self.attack.rewrites_training):
@@ -115,7 +142,7 @@ class ClientRuntime:
         own, attack_state = self._split(client_state, ctx)
         reply, state = self.algorithm.finish(message, result, own, ctx)
         reply = self.attack.poison_reply(message, reply, ctx) if self.malicious(ctx) else reply
-        return reply, self._merge(message, state, attack_state, ctx)
+        return self._corrupt(reply, ctx), self._merge(message, state, attack_state, ctx)
 
     def collude(self, state: Message, messages: dict[int, Message], replies: dict[int, Message],
                 round: int) -> dict[int, Message]:

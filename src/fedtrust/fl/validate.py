@@ -13,7 +13,9 @@ A reply is rejected, with a one-line reason, when it
 A reply's reference key set is what the algorithm expects of it
 (``Algorithm.reply_spec(message)``, for algorithms whose clients reply different
 parts: Split-Mix's bases), else the most common (key, shape, dtype) signature
-among the round's replies, ties going to the signature of the lowest client id;
+among the round's replies that holds the fewest keys the server state lacks (so
+several replies with the same renamed key cannot outvote the sound ones), ties going
+to the signature of the lowest client id;
 entries that also live in the server state must match it whatever the majority
 says, so a lone malformed reply is caught even in a round of two.
 """
@@ -94,8 +96,14 @@ def validate_replies(state: Message, replies: Mapping[int, Message], max_update_
     candidates = [c for c in order if c not in rejected]
     if candidates:
         counts = Counter(_signature(replies[c]) for c in candidates)
-        best = max(counts.values())
-        majority = next(_signature(replies[c]) for c in candidates if counts[_signature(replies[c])] == best)
+        first = {}
+        for c in candidates:
+            first.setdefault(_signature(replies[c]), c)
+
+        def rank(sig: Signature) -> tuple[int, int, int]:  # fewest keys the server does not know, most replies
+            return sum(k not in state.arrays for k, _, _ in sig), -counts[sig], first[sig]
+
+        majority = min(counts, key=rank)
         majority_ref = {k: (shape, dtype) for k, shape, dtype in majority}
         for c in candidates:
             spec = (specs or {}).get(c)

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from fedtrust.data.augment import concat_draws
-from fedtrust.fl.executor import ClientStore, Executor
+from fedtrust.fl.executor import ClientStore, Executor, Replies
 from fedtrust.fl.local import ClientSchedule, assemble_batch, check_shared_schedule, client_schedule, plan_list
 from fedtrust.fl.protocol import Algorithm
 from fedtrust.data.types import ImageSet
@@ -95,16 +95,21 @@ class VectorizedExecutor(Executor):
         self.group_bytes = default_group_bytes(self.device) if group_bytes == "auto" else group_bytes
         self._warned = False
 
-    def execute(self, messages: dict[int, Message], round: int, store: ClientStore) -> dict[int, Message]:
+    def execute(self, messages: dict[int, Message], round: int, store: ClientStore) -> Replies:
         seed_global_rngs(client_generator(self.seed, round, 2**31).initial_seed())  # dropout under vmap
         replies: dict[int, Message] = {}
+        errors: dict[int, BaseException] = {}
         groups: dict[tuple, list[_Client]] = defaultdict(list)
         contexts: dict[int, ClientContext] = {}
         plans: dict[int, LocalTraining | list[LocalTraining]] = {}
         general: dict[int, tuple[Message, ImageSet, Message, ClientContext]] = {}
         for c in sorted(messages):
             ctx = contexts[c] = self.client_context(c, round)
-            plan = self.runtime.plan(messages[c], store.get(c), ctx)
+            try:
+                plan = self.runtime.plan(messages[c], store.get(c), ctx)
+            except Exception as e:  # noqa: BLE001 - this client's failure: recorded, left out of the round
+                errors[c] = e
+                continue
             if plan is None:
                 general[c] = (messages[c], self.data.client(c), store.get(c), ctx)
                 continue
@@ -113,7 +118,9 @@ class VectorizedExecutor(Executor):
                 groups[_group_key(job.plan)].append(job)
         if general:  # the general path: client programs in lock-step (FLIP's inversions batched), else alone
             self._warn_fallback()
-            for c, (reply, state) in self.runtime.run_together(general).items():
+            done, failed = self.runtime.run_together(general)
+            errors.update(failed)
+            for c, (reply, state) in done.items():
                 store.set(c, state)
                 replies[c] = reply
         results: dict[tuple[int, int], TrainResult] = {}
@@ -126,7 +133,7 @@ class VectorizedExecutor(Executor):
                                                store.get(c), contexts[c])
             store.set(c, state)
             replies[c] = reply
-        return dict(sorted(replies.items()))
+        return Replies(replies, errors=errors)
 
     def _warn_fallback(self) -> None:
         if not self._warned and has_program(self.algorithm):

@@ -22,7 +22,9 @@ partition ``k`` of the seeded partition, and answers three message types:
 Whatever a handler raises becomes an error reply naming the exception, so the
 ServerApp reports the client as failed for that round instead of waiting.
 Optional node-config keys: ``data-root`` (where this node's data set lives,
-overriding ``data.root``) and ``device`` (overriding ``device``).
+overriding ``data.root``), ``device`` (overriding ``device``) and ``state-dir``
+(where the node keeps its client state on disk, so a resumed run finds it:
+:mod:`fedtrust.flower.node_state`; a simulation keeps it in the run directory).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,11 +47,13 @@ from flwr.common.constant import ErrorCode
 from fedtrust.errors import ConfigError, FedTrustError
 from fedtrust.evaluation import EvalSetup, score_client
 from fedtrust.fl.executor import ClientData
+from fedtrust.fl.faults import failure_reason
 from fedtrust.fl.protocol import Algorithm, ClientContext, Message
 from fedtrust.fl.runtime import ClientRuntime
 from fedtrust.fl.sampling import client_generator
 from fedtrust.flower import LOGGER
 from fedtrust.flower.app_config import config_from_run_config
+from fedtrust.flower.node_state import NodeStateFiles
 from fedtrust.flower.records import (
     SCORES, from_records, has_message, scores_to_record, store_message, to_records,
 )
@@ -60,6 +65,7 @@ PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 DATA_ROOT = "data-root"
 DEVICE = "device"
+STATE_DIR = "state-dir"
 CALL = "fedtrust.call"
 """Config record of a train or evaluate message: ``round`` and the ``client-id`` the server thinks it addresses."""
 NODE = "fedtrust.node"
@@ -145,14 +151,43 @@ def _client_state(context: Context, device: torch.device) -> Message:
             if has_message(context.state, STATE_PREFIX) else Message())
 
 
+def _state_files(context: Context, config: Mapping[str, Any] | None, client: int) -> NodeStateFiles | None:
+    """Where this node keeps its client's state on disk (:mod:`fedtrust.flower.node_state`): node-config
+    ``state-dir``, else in a simulation the run directory's ``nodes/``; None: in memory only."""
+    cfg = node_run_config(context, config)
+    keep = max(cfg.checkpoint_every, 1) + 1
+    if STATE_DIR in context.node_config:
+        return NodeStateFiles(Path(str(context.node_config[STATE_DIR])) / f"client-{client}", keep)
+    if config is not None and cfg.out is not None:
+        return NodeStateFiles(Path(cfg.out) / "nodes" / f"client-{client}", keep)
+    return None
+
+
+def _resumed_state(context: Context, config: Mapping[str, Any] | None, client: int, before: int,
+                   device: torch.device) -> Message:
+    """The client state in ``context.state``; a fresh node (a resumed run) reads the newest version on disk
+    from a round before ``before``."""
+    if has_message(context.state, STATE_PREFIX):
+        return _client_state(context, device)
+    files = _state_files(context, config, client)
+    kept = files.latest_before(before) if files is not None else None
+    return Message({k: v.to(device) for k, v in kept.arrays.items()}, kept.meta) if kept is not None else Message()
+
+
 def handle_train(message: FlowerMessage, context: Context, config: Mapping[str, Any] | None) -> RecordDict:
-    """Run ``client_update`` on this node's data and state; keep the new state in ``context.state``."""
+    """Run ``client_update`` on this node's data and state; keep the new state in ``context.state`` (and on
+    disk where :func:`_state_files` says, so a resumed run finds it)."""
     client, round_, runtime = _addressed(message, context, config)
     incoming = from_records(message.content, device=runtime.device)
-    state = _client_state(context, runtime.device)
+    state = _resumed_state(context, config, client, round_, runtime.device)
     ctx = ClientContext(client, round_, client_generator(runtime.seed, round_, client), runtime.device)
+    if runtime.client.faults is not None:  # an injected hang: silent past the server's deadline, then fail
+        runtime.client.faults.wait_if_hanging(ctx)
     reply, new_state = runtime.client.run(incoming, runtime.data.client(client), state, ctx)
     store_message(context.state, new_state, STATE_PREFIX)
+    files = _state_files(context, config, client)
+    if files is not None and (new_state.arrays or new_state.meta or files.versions()):
+        files.write(round_, new_state)
     return RecordDict(to_records(reply))
 
 
@@ -162,10 +197,10 @@ def handle_evaluate(message: FlowerMessage, context: Context, config: Mapping[st
     The state is only read here (evaluation never changes it); the reply is
     one ``MetricRecord`` of accuracies (:func:`~fedtrust.flower.records.scores_to_record`).
     """
-    client, _, runtime = _addressed(message, context, config)
+    client, round_, runtime = _addressed(message, context, config)
     server_state = from_records(message.content, device=runtime.device)
-    scores = score_client(runtime.algorithm, server_state, _client_state(context, runtime.device), client,
-                          runtime.eval_setup)
+    state = _resumed_state(context, config, client, round_ + 1, runtime.device)
+    scores = score_client(runtime.algorithm, server_state, state, client, runtime.eval_setup)
     if scores is None:
         raise FedTrustError(f"client {client} has an empty local test set on its node but not on the server; "
                             "do both load the same data set?")
@@ -181,7 +216,7 @@ def _reply(handler: Handler, message: FlowerMessage, context: Context,
     try:
         return FlowerMessage(handler(message, context, config), reply_to=message)
     except Exception as e:  # noqa: BLE001 - reported to the server as this client's failure
-        reason = f"{type(e).__name__}: {e}"
+        reason = failure_reason(e, limit=10_000)
         log.warning("fedtrust client (node %s, %s) failed: %s", context.node_id, dict(context.node_config), reason)
         log.debug("traceback of the failure above", exc_info=True)
         return FlowerMessage(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)

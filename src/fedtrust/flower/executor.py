@@ -15,9 +15,11 @@ executor. What differs is where it runs and how a round's clients execute:
   executor finds the bound Grid and runs the loop on it.
 
 :meth:`FlowerExecutor.execute` is :func:`~fedtrust.flower.server_app.exchange`:
-a client whose node raises or does not answer within the round timeout is
-logged and left out of that round's aggregation; if every sampled client
-fails, the run stops with a one-line :class:`FedTrustError`.
+a client whose node raises or does not answer within the round timeout
+(``faults.round_timeout``, else ``flower.round-timeout``) is logged, recorded in
+the round's ``failed`` metrics and left out of that round's aggregation, as on
+the in-process executors (a round where every client raised a genuine error stops
+the run with a one-line :class:`FedTrustError`).
 
 A client's persistent state lives in its node's ``context.state`` and never
 reaches the server: the server-side ``ClientStore`` stays as given (empty).
@@ -28,9 +30,9 @@ So a personalized algorithm's clients are evaluated where their state lives:
 state on its local test set and replies only the accuracies; the metrics then
 equal the sequential executor's. A client whose node fails to answer is
 logged and has no score (None) in that evaluation. A resumed run starts new
-nodes, so client state restarts from nothing (the checkpoint cannot hold what
-the server never saw): stateless algorithms such as FedAvg resume exactly,
-personalized ones continue from the initial client state.
+nodes; the checkpoint cannot hold what the server never saw, so each node keeps
+its client state on its own disk as well (:mod:`fedtrust.flower.node_state`) and
+a new node reads back the version from before the round it is first asked for.
 
 This module imports without Flower; constructing the executor without it is a
 one-line :class:`~fedtrust.errors.ConfigError` saying what to install.
@@ -50,7 +52,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fedtrust.errors import FedTrustError
-from fedtrust.fl.executor import Callback, ClientData, ClientStore, Executor
+from fedtrust.fl.executor import Callback, ClientData, ClientStore, Executor, Replies
+from fedtrust.fl.faults import Faults
 from fedtrust.fl.sampling import Sampler, sample_clients
 from fedtrust.robust.attacks import Attack
 from fedtrust.fl.protocol import Algorithm, Message
@@ -114,9 +117,9 @@ class FlowerExecutor(Executor):
 
     def __init__(self, algorithm: Algorithm, data: ClientData, seed: int, device: torch.device,
                  num_sampled: int, log: Callable[[str], None] | None = None, config: RunConfig | None = None,
-                 attack: Attack | None = None, sampler: Sampler = sample_clients) -> None:
+                 attack: Attack | None = None, sampler: Sampler = sample_clients, faults: Faults | None = None) -> None:
         require_flower()
-        super().__init__(algorithm, data, seed, device, num_sampled, log, attack, sampler)
+        super().__init__(algorithm, data, seed, device, num_sampled, log, attack, sampler, faults)
         self.config = config
         """The run's config: a simulation hands it to the ClientApps, which rebuild algorithm and data from it."""
         self._binding: GridBinding | None = None
@@ -183,25 +186,25 @@ class FlowerExecutor(Executor):
             self._binding, self._nodes = None, {}
 
     # ---- one round's clients --------------------------------------------
-    def execute(self, messages: dict[int, Message], round: int, store: ClientStore) -> dict[int, Message]:
+    def execute(self, messages: dict[int, Message], round: int, store: ClientStore) -> Replies:
         """Send the round's messages through the Grid; failed clients are logged and left out."""
         from fedtrust.flower.server_app import exchange
 
         if self._binding is None:
             raise FedTrustError("FlowerExecutor.execute runs only inside run(): no Flower Grid is bound")
         self._round = round
-        timeout = self._binding.settings.round_timeout
-        replies, failed = exchange(self._binding.grid, self._nodes, messages, round, timeout, self.device,
-                                   self._binding.stopped)
+        replies, failed = exchange(self._binding.grid, self._nodes, messages, round, self._round_timeout(),
+                                   self.device, self._binding.stopped)
         for client, reason in failed.items():
             log.warning("round %d: client %d failed (%s)", round, client, reason)
-        if not replies:
-            first = next(iter(failed.items()))
-            raise FedTrustError(f"round {round}: all {len(messages)} sampled clients failed; "
-                                f"client {first[0]}: {first[1]}")
-        if failed:
-            log.warning("round %d: aggregating %d of %d replies", round, len(replies), len(messages))
-        return replies
+        if failed and replies:
+            log.warning("round %d: %d of %d clients replied", round, len(replies), len(messages))
+        return Replies(replies, failed)
+
+    def _round_timeout(self) -> float:
+        """``faults.round_timeout`` when the config sets it, else the adapter's ``flower.round-timeout``."""
+        configured = self.config.faults.round_timeout if self.config is not None else None
+        return configured if configured is not None else self._binding.settings.round_timeout
 
     # ---- personalized evaluation on the nodes ---------------------------
     def evaluate_clients(self, state: Message, clients: Sequence[int]) -> dict[int, ClientScores | None]:
@@ -219,7 +222,7 @@ class FlowerExecutor(Executor):
         if not clients:
             return {}
         scores, failed = score_clients(self._binding.grid, self._nodes, state, clients, self._round,
-                                       self._binding.settings.round_timeout, self._binding.stopped)
+                                       self._round_timeout(), self._binding.stopped)
         for client, reason in failed.items():
             log.warning("evaluation after round %d: client %d failed (%s); its personalized scores are None",
                         self._round, client, reason)

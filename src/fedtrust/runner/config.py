@@ -269,6 +269,38 @@ class DefenseConfig(BaseModel):
         return self
 
 
+class FaultsConfig(Section):
+    """Section ``faults``: client faults injected per (seed, round, client), and the straggler model
+    (``fedtrust.fl.faults``). All off by default."""
+
+    crash: float = Field(0.0, ge=0, le=1, description="probability that a sampled client raises before training")
+    hang: float = Field(0.0, ge=0, le=1, description="probability that a sampled client gives no reply within the "
+                                                     "round's deadline (a Flower node sleeps hang_seconds)")
+    garbage: float = Field(0.0, ge=0, le=1, description="probability that a sampled client replies garbage")
+    garbage_kinds: list[Literal["nan", "shape", "keys", "weight"]] = Field(
+        default_factory=lambda: ["nan", "shape", "keys", "weight"], min_length=1,
+        description="the garbage a faulty reply holds, one drawn per fault: nan, shape, keys, weight")
+    hang_seconds: float = Field(30.0, gt=0, description="how long a hanging Flower node sleeps (past round_timeout)")
+    round_timeout: float | None = Field(None, gt=0, description="the round's deadline in seconds: on Flower the wait "
+                                                                "for replies (overrides flower.round-timeout), in the "
+                                                                "straggler model the simulated deadline")
+    speed: float | None = Field(None, gt=0, description="straggler model: mean examples a client processes per "
+                                                        "second (null: off; needs round_timeout)")
+    speed_sigma: float = Field(0.5, ge=0, description="straggler model: lognormal sigma of a client's speed per round")
+    seed: int | None = Field(None, ge=0, description="seed of the fault draws (null: the run seed)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "FaultsConfig":
+        total = self.crash + self.hang + self.garbage
+        if total > 1:
+            raise ConfigError(f"config keys 'faults.crash' + 'faults.hang' + 'faults.garbage' = {total:g}; "
+                              f"expected at most 1 (they are exclusive per client and round)")
+        if self.speed is not None and self.round_timeout is None:
+            raise ConfigError("config key 'faults.speed': the straggler model needs a deadline; set "
+                              "faults.round_timeout (seconds)")
+        return self
+
+
 class InitFrom(Section):
     """Where a run's initial server weights come from (``init_from``); see ``fedtrust.runner.run``."""
 
@@ -295,6 +327,8 @@ class RunConfig(Section):
     attack: AttackConfig = Field(default_factory=AttackConfig, description="attack wrapping malicious clients")
     defense: DefenseConfig = Field(default_factory=DefenseConfig, description="server-side aggregation and "
                                                                               "reply validation")
+    faults: FaultsConfig = Field(default_factory=FaultsConfig, description="injected client faults and the "
+                                                                         "straggler model (reliability tests)")
 
     @model_validator(mode="after")
     def _outliers(self) -> "RunConfig":
@@ -319,6 +353,14 @@ class RunConfig(Section):
             if self.objective.params().get(key) == "pretrained":
                 raise ConfigError(f"config key 'objective.{key}': 'pretrained' is measured on the init_from model "
                                   f"when the run starts; set init_from (or give a value)")
+        return self
+
+    @model_validator(mode="after")
+    def _hang_on_flower(self) -> "RunConfig":
+        f = self.faults
+        if self.executor == "flower" and f.hang > 0 and (f.round_timeout is None or f.round_timeout >= f.hang_seconds):
+            raise ConfigError(f"config key 'faults.hang' on executor=flower: a hanging node sleeps faults.hang_seconds="
+                              f"{f.hang_seconds:g}; set faults.round_timeout below it so the server stops waiting")
         return self
 
     @field_validator("init_from", mode="before")

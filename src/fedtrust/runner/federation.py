@@ -31,6 +31,7 @@ from fedtrust.robust.attacks import Attack, build_attack
 from fedtrust.robust.triggers import Stamper
 from fedtrust.evaluation import EvalSetup, EvaluatesClients
 from fedtrust.fl.executor import ClientData, Executor
+from fedtrust.fl.faults import Faults
 from fedtrust.fl.protocol import Algorithm, ClientContext, Message, OptimizerSpec
 from fedtrust.fl.sampling import clients_per_round
 from fedtrust.fl.schedule import lr_at
@@ -164,11 +165,25 @@ def build_federation(cfg: RunConfig) -> Federation:
     executor_cls = get("executor", name)
     extra = {"config": cfg} if "config" in inspect.signature(executor_cls).parameters else {}
     executor = executor_cls(algorithm, data, cfg.seed, device, k, attack=attack,
-                            sampler=get("sampler", cfg.data.sampler), **extra)
+                            sampler=get("sampler", cfg.data.sampler), faults=build_faults(cfg, data), **extra)
     if isinstance(executor, EvaluatesClients):  # client state kept off the server (Flower): scored where it lives
         eval_setup.client_evaluator = executor.evaluate_clients
     return Federation(cfg, dataset, data, stats, algorithm, executor, eval_setup, device,
                       f"auto: {reason}" if cfg.executor == "auto" else reason)
+
+
+def build_faults(cfg: RunConfig, data: ClientData) -> Faults | None:
+    """The ``faults`` section as a :class:`~fedtrust.fl.faults.Faults` schedule (None when all off); the
+    straggler model's work is the examples a client's local training visits in a round."""
+    f, t = cfg.faults, cfg.train
+    sizes = [len(i) for i in data.indices]
+
+    def work(client: int) -> float:
+        return float(t.steps * t.batch_size if t.steps is not None else t.epochs * sizes[client])
+
+    faults = Faults(f.seed if f.seed is not None else cfg.seed, f.crash, f.hang, f.garbage, tuple(f.garbage_kinds),
+                    f.hang_seconds, f.round_timeout, f.speed, f.speed_sigma, work)
+    return faults if faults.active else None
 
 
 def build_algorithm(cfg: RunConfig, dataset: Dataset, class_counts: torch.Tensor, norm: Any,

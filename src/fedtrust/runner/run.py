@@ -72,7 +72,7 @@ def run(config: RunConfig | dict | str | Path | None = None, overrides: list[str
                 raise CheckpointError(f"{str(run_dir)!r} is not a run directory (no {rundir.CONFIG})")
             config = load_yaml(run_dir / rundir.CONFIG)
         cfg = _as_config(config, (overrides or []) + [f"out={run_dir}"])
-        ckpt = load_checkpoint(run_dir)
+        ckpt = load_checkpoint(run_dir, console.print)
         cfg = recorded_source(cfg, ckpt.config)
         diffs = config_mismatch(ckpt.config, config_to_dict(cfg))
         if diffs:
@@ -111,6 +111,8 @@ def run(config: RunConfig | dict | str | Path | None = None, overrides: list[str
         offset = kept[-1]["time_s"] if kept else 0.0
         console.print(f"resuming {run_dir} after round {start}")
     rundir.write_json(run_dir / rundir.PARTITION, fed.partition)
+    if getattr(fed.executor, "config", None) is not None:  # Flower's nodes keep client state under the run dir
+        fed.executor.config = fed.executor.config.model_copy(update={"out": str(Path(run_dir).resolve())})
     if cfg.eval.ood_model == "init_from":  # OOD scored with the source model (PASCL stage 2)
         fed.eval_setup.ood_model = primary_model(fed, state if start == 0 else source_state(fed, cfg))
 
