@@ -22,3 +22,7 @@ class DataError(FedTrustError):
 
 class CheckpointError(FedTrustError):
     """A checkpoint is missing, corrupt, or belongs to a different config."""
+
+
+class DivergenceError(FedTrustError):
+    """Training diverged: the server model, the clients' updates or the model's outputs hold NaN/Inf."""

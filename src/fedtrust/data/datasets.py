@@ -19,7 +19,9 @@ IDX files may be gzip-compressed (``.gz``). The ``.npz`` files hold ``x``
 uint8 ((N,H,W), (N,H,W,C) or (N,C,H,W)) and ``y`` int64, opened without
 pickle; ``../shared/data`` beside the checkout holds such copies of MNIST,
 Fashion-MNIST and CIFAR-10. A missing set raises a one-line ``DataError``
-naming every path looked at and how to get the data.
+naming every path looked at and how to get the data; a malformed or empty
+file, or labels outside the set's classes, one naming the file and what is
+expected (:func:`load_npz` lists the rules).
 """
 
 from __future__ import annotations
@@ -135,10 +137,14 @@ Split = tuple[Arrays, Arrays]
 
 @dataclass(frozen=True)
 class Layout:
-    """One way a data set can sit on disk: the paths it needs (shown in errors) and, if all exist, how to read them."""
+    """One way a data set can sit on disk: the paths it needs (shown in errors) and, if all exist, how to read them.
+
+    ``partial`` says, for a layout found in part, which of its files is there and which is missing.
+    """
 
     looked_at: tuple[str, ...]
     read: Callable[[], Split] | None
+    partial: str = ""
 
 
 def _npz_layout(folder: Path, train_names: Sequence[str] = ("train.npz",)) -> Layout:
@@ -147,7 +153,11 @@ def _npz_layout(folder: Path, train_names: Sequence[str] = ("train.npz",)) -> La
     test = folder / "test.npz"
     train = next((p for p in trains if p.is_file()), None)
     looked_at = (*map(str, trains), str(test))
-    if train is None or not test.is_file():
+    if train is None and test.is_file():
+        return Layout(looked_at, None, f"{test} is there but {' or '.join(map(str, trains))} is missing")
+    if train is not None and not test.is_file():
+        return Layout(looked_at, None, f"{train} is there but {test} is missing")
+    if train is None:
         return Layout(looked_at, None)
     return Layout(looked_at, lambda: (readers.read_npz(train), readers.read_npz(test)))
 
@@ -195,8 +205,9 @@ def read_first_layout(name: str, root: Path | None, layouts: Callable[[Path], li
         if layout.read is not None:
             return layout.read()
     where = "" if root.is_dir() else f" (data root {root} does not exist)"
+    partial = "".join(f" ({layout.partial})" for layout in candidates if layout.partial)
     paths = ", ".join(p for layout in candidates for p in layout.looked_at)
-    raise DataError(f"data set {name!r} not found{where}: looked for {paths}; {how_to_get}")
+    raise DataError(f"data set {name!r} not found{where}{partial}: looked for {paths}; {how_to_get}")
 
 
 def _image_set(arrays: Arrays, num_classes: int, shape: tuple[int, ...] | None) -> ImageSet:
@@ -209,8 +220,20 @@ def _image_set(arrays: Arrays, num_classes: int, shape: tuple[int, ...] | None) 
     return ImageSet(torch.from_numpy(x), torch.from_numpy(arrays.y), num_classes)
 
 
+def _check_not_empty(split: Split) -> None:
+    """Neither split may be empty: no model trains on nothing, and no metric is defined on nothing."""
+    for arrays, what in zip(split, ("training", "test")):
+        if len(arrays.y) == 0:
+            raise DataError(f"{arrays.source}: the {what} split is empty; expected at least one image")
+
+
 def _from_spec(spec: DatasetSpec, split: Split) -> Dataset:
-    """A standard set's Dataset: the spec's class names, normalisation and augmentation over the read splits."""
+    """A standard set's Dataset: the spec's class names, normalisation and augmentation over the read splits.
+
+    The labels must lie in the spec's classes; a class without training images
+    is accepted (a subset of a standard set may lack some), unlike in ``npz``.
+    """
+    _check_not_empty(split)
     k = len(spec.classes)
     train, test = (_image_set(a, k, spec.shape) for a in split)
     return Dataset(spec.name, train, test, spec.mean, spec.std, augment=spec.augment, classes=spec.classes)
@@ -281,12 +304,21 @@ def load_npz(root: Path | None = None) -> Dataset:
     """Any image set of your own: ``ROOT/train.npz`` and ``ROOT/test.npz``.
 
     Each file holds ``x`` uint8 of shape (N, H, W), (N, H, W, C) or
-    (N, C, H, W) and ``y`` integer labels from 0; ``train.npz`` may add
-    ``classes`` (one name per class). The number of classes is ``len(classes)``
-    when given, else the largest label in either split plus one. ``mean`` and
-    ``std`` are computed per channel from the training pixels, and the default
-    augmentation is ``"none"`` (choose one in the config). A JPEG pack
-    (``jpeg``, ``offsets``, ``y``) is accepted in place of ``x``.
+    (N, C, H, W) (pixels 0..255: float or wider-integer images are refused, as
+    their scale would be a guess) and ``y`` integer labels, one per image. A
+    JPEG pack (``jpeg``, ``offsets``, ``y``) is accepted in place of ``x``.
+    ``mean`` and ``std`` are computed per channel from the training pixels, and
+    the default augmentation is ``"none"`` (choose one in the config).
+
+    Classes: ``train.npz`` may declare ``classes`` (one distinct name per
+    class), and then K = ``len(classes)``; otherwise K is the largest training
+    label plus one. Either way the labels of both files must lie in 0..K-1 and
+    every class 0..K-1 must have a training image: an empty class is an error
+    naming it (a label 57 in a 10-class set, or labels 1..10, would otherwise
+    build a model with classes nobody trains). ``test.npz`` may repeat
+    ``classes``, but then the same names. Neither split may be empty, and both
+    have one image shape. Each violation is a one-line :class:`DataError`
+    naming the file and what is expected.
     """
     how = (
         "write two files ROOT/train.npz and ROOT/test.npz with arrays x (uint8 images) and y (int labels), "
@@ -295,13 +327,58 @@ def load_npz(root: Path | None = None) -> Dataset:
     train, test = read_first_layout("npz", root, lambda r: [_npz_layout(r)], how)
     if train.x.shape[1:] != test.x.shape[1:]:
         raise DataError(f"{test.source}: images have shape {test.x.shape[1:]}, {train.source} has {train.x.shape[1:]}")
-    if len(train.y) == 0:
-        raise DataError(f"{train.source}: the training split is empty")
-    top = max(int(train.y.max()), int(test.y.max()) if len(test.y) else 0) + 1
-    classes = train.classes or tuple(str(i) for i in range(top))
-    k = len(classes)
+    _check_not_empty((train, test))
+    if test.classes and test.classes != train.classes:
+        raise DataError(f"{test.source}: classes {_names(test.classes)} differ from {train.source}'s "
+                        f"{_names(train.classes) if train.classes else '(none)'}; expected the same names or none")
+    if train.classes:
+        k, why = len(train.classes), f"K = {len(train.classes)} names in classes"
+    else:
+        k = int(train.y.max()) + 1
+        why = f"K = {k}, the largest training label + 1"
+    for arrays in (train, test):
+        if int(arrays.y.max()) >= k:
+            raise DataError(f"{arrays.source}: labels must lie in 0..{k - 1} ({why}), got {int(arrays.y.max())}")
+    empty = missing_labels(np.unique(train.y), k)
+    if empty:
+        named = f" ({_names(tuple(train.classes[i] for i in _first(empty)))})" if train.classes else ""
+        raise DataError(f"{train.source}: no training image of class {format_ranges(empty)}{named}; expected every "
+                        f"class 0..{k - 1} to have one ({why}): renumber the labels 0..K-1 or drop the class")
+    classes = train.classes or tuple(str(i) for i in range(k))
     mean, std = channel_stats(train.x)
     return Dataset("npz", _image_set(train, k, None), _image_set(test, k, None), mean, std, "none", classes)
+
+
+def missing_labels(present: np.ndarray, k: int) -> list[tuple[int, int]]:
+    """The labels of 0..k-1 absent from ``present`` (sorted, distinct, all < k) as inclusive ranges.
+
+    Works from the gaps between present labels, so a label of 10**12 costs no
+    10**12-entry count table.
+    """
+    bounds = [-1, *(int(v) for v in present), k]
+    return [(a + 1, b - 1) for a, b in zip(bounds[:-1], bounds[1:]) if b - a > 1]
+
+
+def format_ranges(ranges: Sequence[tuple[int, int]], limit: int = 6) -> str:
+    """``[(3, 3), (5, 9)]`` → ``"3, 5..9"``; beyond ``limit`` ranges, ``"<first limit> and N more ranges"``."""
+    shown = ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in ranges[:limit])
+    return shown + (f" and {len(ranges) - limit} more ranges" if len(ranges) > limit else "")
+
+
+def _first(ranges: Sequence[tuple[int, int]], limit: int = 6) -> list[int]:
+    """The first ``limit`` labels of ``ranges``."""
+    out: list[int] = []
+    for a, b in ranges:
+        out.extend(range(a, min(b, a + limit - len(out) - 1) + 1))
+        if len(out) >= limit:
+            break
+    return out
+
+
+def _names(names: Sequence[str], limit: int = 6) -> str:
+    """Class names quoted, the first ``limit`` of them."""
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

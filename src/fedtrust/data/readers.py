@@ -30,6 +30,7 @@ import stat
 import tempfile
 import warnings
 import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,11 @@ import numpy as np
 from fedtrust.errors import DataError
 
 IMAGE_CHANNELS = (1, 3, 4)  # channel counts recognised when guessing NHWC versus NCHW
+INT64_MAX = int(np.iinfo(np.int64).max)
+NPY_MAGIC = b"\x93NUMPY"
+# What reading a damaged .npz member can raise: a bad zip entry or CRC, a truncated deflate stream, a
+# malformed .npy header, an unsupported zip feature (encryption, compression method).
+READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError)
 IDX_UBYTE = 0x08  # IDX type code for unsigned bytes, the only one image/label files use
 CACHE_SUFFIX = ".decoded.npz"
 
@@ -68,66 +74,120 @@ def to_nchw(x: np.ndarray, source: str) -> np.ndarray:
     A 4-d array is channels-last when its last axis has 1, 3 or 4 entries and
     its second does not; otherwise it must already be channels-first. Only the
     channels-last case copies (to keep the result contiguous).
+
+    Only uint8 is taken: every other dtype (float pixels in [0, 1], uint16,
+    int64 holding 0..255, bool) would need a guess at its scale, so it is a
+    one-line :class:`DataError` asking for uint8 instead. An image axis of
+    length 0 is refused too (no pixels to normalise).
     """
     if x.dtype != np.uint8:
-        raise DataError(f"{source}: images must be uint8, got {x.dtype}")
+        raise DataError(f"{source}: x must be uint8 images (pixels 0..255), got dtype {x.dtype}; "
+                        "scale to 0..255 and save x.astype(numpy.uint8)")
     if x.ndim == 3:
-        return x.reshape(x.shape[0], 1, x.shape[1], x.shape[2])
-    if x.ndim == 4 and x.shape[-1] in IMAGE_CHANNELS and x.shape[1] not in IMAGE_CHANNELS:
-        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-    if x.ndim == 4 and x.shape[1] in IMAGE_CHANNELS:
-        return x
-    raise DataError(
-        f"{source}: images must have shape (N,H,W), (N,H,W,C) or (N,C,H,W) with C in 1/3/4, got {x.shape}"
-    )
+        out = x.reshape(x.shape[0], 1, x.shape[1], x.shape[2])
+    elif x.ndim == 4 and x.shape[-1] in IMAGE_CHANNELS and x.shape[1] not in IMAGE_CHANNELS:
+        out = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    elif x.ndim == 4 and x.shape[1] in IMAGE_CHANNELS:
+        out = x
+    else:
+        raise DataError(
+            f"{source}: x must have shape (N,H,W), (N,H,W,C) or (N,C,H,W) with C in 1/3/4, got {x.shape}"
+        )
+    if 0 in out.shape[2:]:
+        raise DataError(f"{source}: x must hold images of at least 1x1 pixels, got shape {x.shape}")
+    return out
 
 
 def to_labels(y: np.ndarray, n: int, source: str) -> np.ndarray:
-    """Labels as int64 of shape (n,); an (n, 1) column is accepted."""
+    """Labels as int64 of shape (n,), one per image; an (n, 1) column is accepted.
+
+    Any integer dtype is taken (values must fit int64); float or bool labels are
+    refused rather than rounded.
+    """
     y = np.asarray(y)
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
-    if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
-        raise DataError(f"{source}: labels must be {n} integers, got {y.dtype} {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{source}: y must hold integer class labels, got dtype {y.dtype}")
+    if y.ndim != 1:
+        raise DataError(f"{source}: y must be 1-d (one label per image), got shape {y.shape}")
+    if len(y) != n:
+        raise DataError(f"{source}: x holds {n} images but y holds {len(y)} labels; expected one label per image")
     if n and int(y.min()) < 0:
         raise DataError(f"{source}: labels must be >= 0, got {int(y.min())}")
+    if n and int(y.max()) > INT64_MAX:
+        raise DataError(f"{source}: labels must be class indices 0..K-1, got {int(y.max())}")
     return y.astype(np.int64, copy=False)
 
 
-def _classes(values: np.ndarray | None) -> tuple[str, ...]:
-    return () if values is None else tuple(str(v) for v in np.asarray(values).ravel())
+def _classes(values: np.ndarray | None, source: str) -> tuple[str, ...]:
+    """Class names from a ``classes`` array: 1-d, at least one, all distinct."""
+    if values is None:
+        return ()
+    values = np.asarray(values)
+    if values.ndim != 1 or len(values) == 0:
+        raise DataError(f"{source}: classes must be a 1-d array of class names (one per label), "
+                        f"got shape {values.shape}")
+    names = tuple(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values.tolist())
+    if len(set(names)) != len(names):
+        repeated = next(n for n in names if names.count(n) > 1)
+        raise DataError(f"{source}: classes must be distinct names, {repeated!r} appears {names.count(repeated)} times")
+    return names
 
 
 # ---------------------------------------------------------------- .npz files
 
 
 def read_npz(path: Path, cache_dir: Path | None = None) -> Arrays:
-    """Read an image ``.npz``: either ``x``/``y`` arrays or a JPEG pack (``jpeg``/``offsets``/``y``)."""
+    """Read an image ``.npz``: either ``x``/``y`` arrays or a JPEG pack (``jpeg``/``offsets``/``y``).
+
+    A file that is not a zip archive of ``.npy`` arrays (a lone ``.npy``, text,
+    a truncated download), a missing ``x`` or ``y``, and a malformed array (see
+    :func:`to_nchw`, :func:`to_labels`) raise a one-line :class:`DataError`
+    naming ``path`` and what is expected.
+    """
     with _open_npz(path) as data:
         files = set(data.files)
         if {"x", "y"} <= files:
             x = to_nchw(_get(data, "x", path), str(path))
             y = to_labels(_get(data, "y", path), x.shape[0], str(path))
-            classes = _classes(_get(data, "classes", path)) if "classes" in files else ()
+            classes = _classes(_get(data, "classes", path), str(path)) if "classes" in files else ()
             return Arrays(x, y, str(path), classes)
     if "jpeg" in files:
         return read_jpeg_npz(path, cache_dir)
+    missing = " and ".join(k for k in ("x", "y") if k not in files)
     found = ", ".join(sorted(files)) or "none"
-    raise DataError(f"{path}: expected arrays x and y (or jpeg, offsets, y), found {found}")
+    raise DataError(f"{path}: expected arrays x and y (uint8 images, integer labels) or a JPEG pack "
+                    f"(jpeg, offsets, y); missing {missing}, found {found}")
 
 
 def _open_npz(path: Path) -> Any:
+    """``np.load(path)`` of a zip archive, or a one-line DataError saying what the file is instead."""
     try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise DataError(f"cannot read {path} as .npz: {one_line(e)}") from e
+        with open(path, "rb") as f:
+            head = f.read(len(NPY_MAGIC))
+        is_zip = zipfile.is_zipfile(path)
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {one_line(e)}") from e
+    if not is_zip:
+        what = ("is empty" if not head else "is a single .npy array" if head == NPY_MAGIC
+                else "is not a zip archive (corrupt or not an .npz)")
+        raise DataError(f"{path} {what}; expected an .npz archive written by numpy.savez with arrays x and y")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except READ_ERRORS as e:
+        raise DataError(f"cannot read {path} as .npz: {one_line(e)}; expected an archive written by numpy.savez") from e
+    if not isinstance(data, np.lib.npyio.NpzFile):  # a zip-headed .npy cannot be, but never hand on a bare array
+        raise DataError(f"{path} is not an .npz archive; expected one written by numpy.savez with arrays x and y")
+    return data
 
 
 def _get(data: Any, key: str, path: Path) -> np.ndarray:
     try:
         return data[key]
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise DataError(f"cannot read array {key!r} of {path}: {one_line(e)}") from e
+    except READ_ERRORS as e:
+        raise DataError(f"cannot read array {key!r} of {path}: {one_line(e)}; "
+                        "expected a plain array of numbers or strings (no Python objects)") from e
 
 
 # ---------------------------------------------------------------- JPEG packs

@@ -66,10 +66,14 @@ def _shape_problem(reply: Message, reference: Mapping[str, tuple[tuple[int, ...]
     return None
 
 
+NONFINITE = "holds NaN or Inf"
+"""The words of a rejection for non-finite values (the runner's divergence check looks for them)."""
+
+
 def _finite_problem(reply: Message) -> str | None:
     for k, v in sorted(reply.arrays.items()):
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            return f"key {k!r} holds NaN or Inf"
+            return f"key {k!r} {NONFINITE}"
     return None
 
 

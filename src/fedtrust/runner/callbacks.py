@@ -1,41 +1,128 @@
-"""Callbacks of a run: evaluation, metrics to disk, checkpoints, progress bar."""
+"""Callbacks of a run: divergence checks, evaluation, metrics to disk, checkpoints, progress bar."""
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+import torch
+from torch import Tensor
 
+from fedtrust.errors import DivergenceError
 from fedtrust.evaluation import EvalScores, EvalSetup, evaluate
 from fedtrust.fl.executor import Callback, RoundReport
-from fedtrust.fl.protocol import Algorithm
+from fedtrust.fl.faults import Faults
+from fedtrust.fl.protocol import Algorithm, Message
+from fedtrust.fl.validate import NONFINITE
 from fedtrust.runner.checkpoint import Checkpoint, save_checkpoint
 from fedtrust.runner.rundir import MetricsWriter, write_eval_scores
+
+
+class DivergenceGuard(Callback):
+    """Stops a run whose training diverged, with one line naming the round and the likely cause.
+
+    After each round's aggregation (place it before the other callbacks, so the
+    round's metrics are not written and every earlier round's are kept) it
+    raises :class:`~fedtrust.errors.DivergenceError` when
+
+    * a client's reply was rejected for holding NaN/Inf, or reports an infinite
+      loss: its local training diverged;
+    * the server state holds NaN/Inf (finite but huge updates overflowed in the
+      aggregation, or BatchNorm statistics did), or a BatchNorm running
+      variance went negative (its outputs are NaN: a server step overshot);
+
+    and, through :class:`Evaluator`, when the server model's test logits are
+    NaN/Inf although its weights are finite (they grew too large).
+    ``hint`` ends each message (the runner names ``train.lr`` and what to try).
+    A reply that an injected garbage fault (``faults``) made NaN is the fault's,
+    not a divergence: validation rejects it and the run goes on.
+    """
+
+    def __init__(self, hint: str, faults: Faults | None = None) -> None:
+        self.hint = hint
+        self.faults = faults
+
+    def _garbage(self, client: str, round: int) -> bool:
+        return self.faults is not None and self.faults.fault(int(client), round) == "garbage"
+
+    def after_round(self, report: RoundReport) -> None:
+        r = report.round
+        rejected = {c: why for c, why in report.metrics.get("rejected", {}).items()
+                    if NONFINITE in why and not self._garbage(c, r)}
+        if rejected:
+            c, why = next(iter(rejected.items()))
+            raise DivergenceError(f"round {r}: local training diverged on {len(rejected)} of {len(report.clients)} "
+                                  f"clients (client {c}: {why}); {self.hint}")
+        for c, meta in sorted(report.reply_meta.items()):
+            loss = meta.get("loss")
+            if isinstance(loss, float) and math.isinf(loss):
+                raise DivergenceError(f"round {r}: client {c}'s training loss is {loss}; {self.hint}")
+        bad = first_nonfinite(report.state)
+        if bad is not None:
+            raise DivergenceError(f"round {r}: the server model holds NaN/Inf after aggregation (key {bad!r}): "
+                                  f"training diverged; {self.hint}")
+        bad = first_negative_variance(report.state)
+        if bad is not None:
+            raise DivergenceError(f"round {r}: the server model's BatchNorm variance {bad!r} is negative after "
+                                  f"aggregation (its outputs are NaN): training diverged; {self.hint}")
+
+    def check_logits(self, round: int, logits: Tensor, state: Message) -> None:
+        """Raise when the evaluated model's test ``logits`` are NaN/Inf (its weights finite but too large)."""
+        if bool(torch.isfinite(logits).all()):
+            return
+        largest = max((float(v.abs().max()) for v in state.arrays.values() if v.is_floating_point() and v.numel()),
+                      default=math.nan)
+        raise DivergenceError(f"round {round}: the server model's test outputs are NaN/Inf (its largest weight is "
+                              f"{largest:.3g} in magnitude): training diverged; {self.hint}")
+
+
+def first_nonfinite(state: Message) -> str | None:
+    """The first key (in sorted order) of a floating array of ``state`` holding NaN or Inf; None if all finite."""
+    for key, value in sorted(state.arrays.items()):
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return key
+    return None
+
+
+def first_negative_variance(state: Message) -> str | None:
+    """The first key (sorted) of a BatchNorm ``running_var`` buffer of ``state`` with a negative entry; else None."""
+    for key, value in sorted(state.arrays.items()):
+        if key.endswith("running_var") and value.numel() and float(value.min()) < 0:
+            return key
+    return None
 
 
 class Evaluator(Callback):
     """Evaluates every ``every`` rounds and after the last round; puts the results in the report.
 
     With ``run_dir``, the last round's evaluation also saves its per-sample
-    scores there (``eval_scores.npz``, for the report's OOD plots).
+    scores there (``eval_scores.npz``, for the report's OOD plots). With
+    ``guard``, a model whose test logits are NaN/Inf stops the run
+    (:meth:`DivergenceGuard.check_logits`) before its metrics are logged.
     """
 
     def __init__(self, algorithm: Algorithm, setup: EvalSetup, every: int, rounds: int,
-                 run_dir: Path | None = None) -> None:
+                 run_dir: Path | None = None, guard: DivergenceGuard | None = None) -> None:
         self.algorithm, self.setup, self.every, self.rounds = algorithm, setup, every, rounds
         self.run_dir = run_dir
+        self.guard = guard
         self.last: dict[str, Any] | None = None
 
     def after_round(self, report: RoundReport) -> None:
         if report.round % self.every == 0 or report.round == self.rounds:
-            capture = EvalScores() if self.run_dir is not None and report.round == self.rounds else None
+            save = self.run_dir is not None and report.round == self.rounds
+            capture = EvalScores() if save or self.guard is not None else None
             self.last = evaluate(self.algorithm, report.state, report.store, self.setup, capture)
+            if self.guard is not None:
+                assert capture is not None and capture.logits is not None
+                self.guard.check_logits(report.round, capture.logits, report.state)
             report.metrics.update(self.last)
-            if capture is not None:
-                assert self.run_dir is not None
+            if save:
+                assert self.run_dir is not None and capture is not None
                 write_eval_scores(self.run_dir, report.round, capture)
 
 

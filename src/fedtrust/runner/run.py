@@ -7,11 +7,19 @@ and ``report.html``. ``resume=RUN_DIR`` continues an
 interrupted run and ends with exactly the metrics and weights of an
 uninterrupted one on CPU.
 
+Runs that go wrong say so in one line: an ``out`` that cannot be created or
+written fails before the data is loaded, and a run without an attack whose
+training diverges (NaN/Inf in a client's update, the server model or its test
+outputs) stops at that round (:class:`~fedtrust.runner.callbacks.DivergenceGuard`),
+keeping the metrics of the rounds before. Under an attack a diverged model is
+the attack's result, so that run goes on (its metrics null where undefined).
+
 ``init_from`` (warm start from another run) is :mod:`fedtrust.runner.source`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +31,11 @@ from rich.table import Table
 
 from fedtrust.errors import CheckpointError
 from fedtrust.evaluation.evaluators import backdoor_asr
-from fedtrust.fl.executor import ClientStore
+from fedtrust.fl.executor import Callback, ClientStore
 from fedtrust.fl.protocol import Message
 from fedtrust.metrics.backdoor import lifespan
 from fedtrust.runner import rundir
-from fedtrust.runner.callbacks import Checkpointer, Evaluator, MetricsLogger, ProgressBar
+from fedtrust.runner.callbacks import Checkpointer, DivergenceGuard, Evaluator, MetricsLogger, ProgressBar
 from fedtrust.runner.checkpoint import config_mismatch, load_checkpoint
 from fedtrust.runner.config import RunConfig, build_config, config_to_dict, load_config, load_yaml
 from fedtrust.runner.federation import build_federation
@@ -72,6 +80,7 @@ def run(config: RunConfig | dict | str | Path | None = None, overrides: list[str
                 raise CheckpointError(f"{str(run_dir)!r} is not a run directory (no {rundir.CONFIG})")
             config = load_yaml(run_dir / rundir.CONFIG)
         cfg = _as_config(config, (overrides or []) + [f"out={run_dir}"])
+        rundir.check_writable(run_dir, advice="make it writable to resume the run")
         ckpt = load_checkpoint(run_dir, console.print)
         cfg = recorded_source(cfg, ckpt.config)
         diffs = config_mismatch(ckpt.config, config_to_dict(cfg))
@@ -81,6 +90,7 @@ def run(config: RunConfig | dict | str | Path | None = None, overrides: list[str
         source = None
     else:
         cfg = _as_config(config, overrides)
+        rundir.check_writable(cfg.out)
         ckpt = None
         cfg, source = read_source(cfg) if cfg.init_from is not None else (cfg, None)
 
@@ -116,15 +126,22 @@ def run(config: RunConfig | dict | str | Path | None = None, overrides: list[str
     if cfg.eval.ood_model == "init_from":  # OOD scored with the source model (PASCL stage 2)
         fed.eval_setup.ood_model = primary_model(fed, state if start == 0 else source_state(fed, cfg))
 
-    evaluator = Evaluator(fed.algorithm, fed.eval_setup, cfg.eval.every, cfg.rounds, run_dir)
-    callbacks = [evaluator, MetricsLogger(run_dir, offset),
-                 Checkpointer(run_dir, config_to_dict(cfg), cfg.checkpoint_every, cfg.rounds)]
+    guard = DivergenceGuard(divergence_hint(cfg), fed.executor.faults) if fed.executor.attack is None else None
+    evaluator = Evaluator(fed.algorithm, fed.eval_setup, cfg.eval.every, cfg.rounds, run_dir, guard)
+    callbacks: list[Callback] = [*([guard] if guard is not None else []), evaluator, MetricsLogger(run_dir, offset),
+                                 Checkpointer(run_dir, config_to_dict(cfg), cfg.checkpoint_every, cfg.rounds)]
     if progress:
         callbacks.append(ProgressBar(console, f"{cfg.algorithm.name} on {cfg.data.dataset} ({fed.executor.name})"))
     console.print(f"fedtrust: {cfg.algorithm.name} on {cfg.data.dataset}, {cfg.data.num_clients} clients, "
                   f"executor {fed.executor.name} ({fed.executor_reason}), device {fed.device}, run dir {run_dir}")
     t0 = time.perf_counter()
-    state = fed.executor.run(state, store, start, cfg.rounds, callbacks)
+    try:
+        state = fed.executor.run(state, store, start, cfg.rounds, callbacks)
+    except BaseException:  # a run stopped early still ends its progress bar and syncs the metrics written so far
+        for cb in callbacks:
+            with contextlib.suppress(Exception):
+                cb.on_end()
+        raise
 
     summary = _summary(run_dir, cfg, fed.executor.name, offset + time.perf_counter() - t0)
     if fed.executor.attack is not None and fed.eval_setup.backdoor is not None:
@@ -138,6 +155,17 @@ def run(config: RunConfig | dict | str | Path | None = None, overrides: list[str
         report_path = write_report([run_dir])
     _print_summary(console, summary, run_dir, report_path)
     return RunResult(run_dir, summary, state, cfg, report_path)
+
+
+def divergence_hint(cfg: RunConfig) -> str:
+    """The likely cause and cure that end a divergence error: the learning rate, and an update bound."""
+    bound = cfg.defense.max_update_norm
+    cure = (f"a smaller defense.max_update_norm (now {bound:g})" if bound is not None
+            else "defense.max_update_norm to bound each client's update")
+    if cfg.defense.server_lr != 1.0:
+        return (f"defense.server_lr={cfg.defense.server_lr:.12g} or train.lr={cfg.train.lr:.12g} too high? "
+                f"try smaller ones, or {cure}")
+    return f"train.lr={cfg.train.lr:.12g} too high? try a smaller train.lr, or {cure}"
 
 
 def _summary(run_dir: Path, cfg: RunConfig, executor: str, wall: float) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,7 @@ import torch
 import yaml
 
 from fedtrust.data.outliers import display_name
-from fedtrust.errors import FedTrustError
+from fedtrust.errors import ConfigError, FedTrustError
 
 if TYPE_CHECKING:
     from fedtrust.evaluation import EvalScores
@@ -56,14 +57,52 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _unwritable(path: Path, e: OSError, advice: str = "choose a writable out=DIR") -> ConfigError:
+    return ConfigError(f"config key 'out': cannot create or write the run directory {str(path)!r} "
+                       f"({' '.join(str(e).split())}); {advice}")
+
+
+def check_writable(out: str | Path | None, base: Path = Path("runs"),
+                   advice: str = "choose a writable out=DIR") -> None:
+    """Fail early, in one line, when no run directory can be made at ``out`` (None: under ``base``).
+
+    It tries for real (``os.access`` says yes to root even for ``/proc``):
+    creates the missing folders, writes and deletes a probe file, then removes
+    the folders it created, so nothing is left behind if the run fails before
+    it creates its directory (:func:`new_run_dir`).
+    """
+    target = Path(out) if out is not None else base
+    created: list[Path] = []
+    try:
+        for folder in reversed([p for p in (target, *target.parents) if not p.exists()]):
+            folder.mkdir()
+            created.append(folder)
+        with tempfile.NamedTemporaryFile(dir=target, prefix=".fedtrust-probe-"):
+            pass
+    except OSError as e:
+        raise _unwritable(target, e, advice) from e
+    finally:
+        for folder in reversed(created):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+
+
 def new_run_dir(out: str | None, label: str, base: Path = Path("runs")) -> Path:
-    """The directory of a new run: ``out`` if given (must not hold a run), else a fresh one under ``runs/``."""
+    """The directory of a new run: ``out`` if given (must not hold a run), else a fresh one under ``runs/``.
+
+    A directory that cannot be created is a one-line :class:`ConfigError`.
+    """
     if out is not None:
         path = Path(out)
         if (path / METRICS).exists() or (path / "checkpoint.safetensors").exists():
             raise FedTrustError(f"run directory {str(path)!r} already holds a run; "
                                 f"resume it with --resume {path} or choose another out=DIR")
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _unwritable(path, e) from e
         return path
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = base / f"{stamp}-{label}"
@@ -71,7 +110,10 @@ def new_run_dir(out: str | None, label: str, base: Path = Path("runs")) -> Path:
     while path.exists():
         n += 1
         path = base / f"{stamp}-{label}-{n}"
-    path.mkdir(parents=True)
+    try:
+        path.mkdir(parents=True)
+    except OSError as e:
+        raise _unwritable(path, e) from e
     return path
 
 
