@@ -159,12 +159,13 @@ def test_rounds_lost_to_injected_faults_keep_the_state_and_a_genuine_error_every
         run(tmp_path, "bug", "executor=sequential")
 
 
-def test_stragglers_past_the_deadline_are_dropped_by_their_work_and_speed(tmp_path):
+@pytest.mark.parametrize("executor", ["sequential", "vectorized"])
+def test_stragglers_past_the_deadline_are_dropped_by_their_work_and_speed(tmp_path, executor):
     """σ = 0: every client processes ``speed`` examples a second, so exactly the clients whose epoch
     (their data size) takes longer than the deadline are dropped. Rules out a deadline on the wrong
     side, work that ignores the client's data size, and a model drawn per executor call."""
     args = [*SMALL, "train.steps=null", "train.epochs=1", "faults.speed=100", "faults.speed_sigma=0",
-            "faults.round_timeout=2.3", "rounds=2", "eval.every=2"]
+            "faults.round_timeout=2.3", "rounds=2", "eval.every=2", f"executor={executor}"]
     fed = build_federation(build_config({}, args))
     sizes = {c: len(i) for c, i in enumerate(fed.data.indices)}
     assert min(sizes.values()) < 230 < max(sizes.values()), sizes

@@ -251,7 +251,8 @@ def test_bad_num_classes(num_classes: object) -> None:
     assert "num_classes" in _one_line_config_error(excinfo)
 
 
-@pytest.mark.parametrize(("name", "min_hw"), [("resnet18", 8), ("wrn", 8), ("cnn", 4), ("cnn2", 4), ("lenet", 16)])
+@pytest.mark.parametrize(("name", "min_hw"), [("resnet18", 8), ("wrn", 8), ("cnn", 4), ("cnn2", 4), ("lenet", 16),
+                                                ("convnet5", 4), ("sigmoid_mlp", 4)])
 def test_smallest_input(name: str, min_hw: int) -> None:
     _build(name, (2, min_hw, min_hw))
     with pytest.raises(ConfigError) as excinfo:

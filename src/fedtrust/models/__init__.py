@@ -10,6 +10,8 @@ name        architecture                                   options
 cnn         3-layer conv3x3 CNN, GAP (digits, MNIST)       width, norm, bn_affine
 cnn2        McMahan et al. 2017 CNN, FC-512 features       hidden
 lenet       DBA/FLIP MnistNet, FC-500 features (>= 16 px)  (none)
+convnet5    I2F's sigmoid 4-conv5x5 net (leakage audit)    width, init
+sigmoid_mlp sigmoid MLP (leakage audit)                    hidden, init
 resnet18    CIFAR ResNet-18                                norm, bn_affine, bn_affine_shortcut
 resnet34    CIFAR ResNet-34                                norm, bn_affine, bn_affine_shortcut
 wrn         WideResNet, WRN-16-4 by default                depth, widen_factor, dropout, norm, bn_affine
@@ -25,7 +27,7 @@ import inspect
 from typing import Any
 
 from fedtrust.errors import ConfigError
-from fedtrust.models import cnn, resnet, wrn  # noqa: F401  (importing registers the families)
+from fedtrust.models import cnn, resnet, sigmoid, wrn  # noqa: F401  (importing registers the families)
 from fedtrust.models.base import FedModel, Shape, check_in_shape, check_int
 from fedtrust.models.norms import NormFactory
 from fedtrust.registry import get
