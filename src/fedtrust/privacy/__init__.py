@@ -8,11 +8,13 @@
   the noise, pruning and eigen-direction defenses.
 - :mod:`~fedtrust.privacy.metrics`: MSE, PSNR, SSIM, feature MSE, label
   accuracy, Pearson and Spearman.
+- :mod:`~fedtrust.privacy.attacks`: the gradient-inversion attacks on the same
+  :class:`GradientMap`: DLG, Inverting Gradients, iDLG labels, FedAvg-update targets.
 
-The attacks (DLG, Inverting Gradients) build on the same :class:`GradientMap`.
 This package imports no ``fl/`` module, and nothing in ``fl/`` imports it.
 """
 
+from fedtrust.privacy.attacks import AttackResult, dlg, fedavg_target, idlg_label, inverting_gradients, reconstruct
 from fedtrust.privacy.i2f import (
     EigResult,
     I2FResult,
@@ -28,19 +30,25 @@ from fedtrust.privacy.i2f import (
 from fedtrust.privacy.jacobian import DenseJacobian, GradientMap, JacobianOperator, flatten, unflatten
 
 __all__ = [
+    "AttackResult",
     "DenseJacobian",
     "EigResult",
     "GradientMap",
     "I2FResult",
     "JacobianOperator",
+    "dlg",
     "eigen_delta",
     "exact_i2f",
+    "fedavg_target",
     "flatten",
     "gaussian_delta",
+    "idlg_label",
+    "inverting_gradients",
     "jacobian_spectrum",
     "lambda_max",
     "lower_bound",
     "pruning_delta",
+    "reconstruct",
     "ridge_i2f",
     "unflatten",
 ]
