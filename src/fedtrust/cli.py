@@ -3,6 +3,7 @@
     fedtrust run [CONFIG.yaml] [key=value ...] [--resume RUN_DIR] [--quiet]
     fedtrust report RUN_DIR [RUN_DIR ...] [-o OUT.html]
     fedtrust list [KIND]
+    fedtrust audit RUN_DIR | CONFIG.yaml [key=value ...] [--attack dlg|ig|none] [--target gradient|update] ...
 
 Errors a user can cause print one line (``error: ...``) and exit with status 2.
 """
@@ -46,6 +47,32 @@ def _cmd_report(args: argparse.Namespace) -> int:
             raise FedTrustError(f"run directory {str(d)!r} does not exist")
     path = write_report(dirs, Path(args.output) if args.output else None)
     print(f"report: {path}")
+    return 0
+
+
+def _number_list(text: str, kind: type, what: str) -> tuple:
+    try:
+        return tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise FedTrustError(f"{what} must be a comma-separated list of numbers, got {text!r}") from None
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from fedtrust.report import write_report
+    from fedtrust.runner.audit import AuditSettings, audit_run, audit_table, write_audit
+
+    settings = AuditSettings(
+        clients=_number_list(args.clients, int, "--clients") if args.clients else None,
+        num_clients=args.num_clients, samples=args.samples, target=args.target, steps=args.steps,
+        sigmas=_number_list(args.sigma, float, "--sigma"), attack=args.attack, iterations=args.iterations,
+        restarts=args.restarts, seed=args.seed)
+    result = audit_run(args.source, settings, args.overrides, args.out, log=None if args.quiet else print)
+    folder = write_audit(result)
+    if not args.quiet:
+        print("\n".join(audit_table(result)))
+    print(f"audit: {folder}")
+    if not args.no_report:
+        print(f"report: {write_report([result.run_dir])}")
     return 0
 
 
@@ -100,6 +127,29 @@ def build_parser() -> argparse.ArgumentParser:
     p_list = sub.add_parser("list", help="list registered components (algorithms, models, attacks, aggregators, ...)")
     p_list.add_argument("kind", nargs="?", help=f"one of {', '.join(LIST_KINDS)}")
     p_list.set_defaults(func=_cmd_list)
+    p_au = sub.add_parser("audit", help="gradient-leakage audit (I2F risk, optional DLG/IG attack) of a finished run "
+                                         "or of a config's initial model")
+    p_au.add_argument("source", metavar="RUN_DIR | CONFIG.yaml")
+    p_au.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides (a CONFIG.yaml only)")
+    p_au.add_argument("--clients", metavar="IDS", help="comma-separated client ids to probe (default: the first "
+                                                        "--num-clients clients with data)")
+    p_au.add_argument("--num-clients", type=int, default=2, help="clients to probe when --clients is not given")
+    p_au.add_argument("--samples", type=int, default=2, help="samples per client (the batch size B for --target "
+                                                             "update)")
+    p_au.add_argument("--target", choices=["gradient", "update"], default="gradient",
+                      help="one sample's gradient, or the client's FedAvg update of B samples and S steps")
+    p_au.add_argument("--steps", type=int, help="local SGD steps S of --target update (default train.steps, else 1)")
+    p_au.add_argument("--sigma", default="1e-3", help="comma-separated reference noise stds on the shared gradient")
+    p_au.add_argument("--attack", choices=["dlg", "ig", "none"], default="dlg",
+                      help="attack run on each defended target: DLG (L-BFGS), Inverting Gradients, or none")
+    p_au.add_argument("--iterations", type=int, default=300, help="attack iterations per restart")
+    p_au.add_argument("--restarts", type=int, default=2, help="attack restarts (the lowest matching loss is kept)")
+    p_au.add_argument("--seed", type=int, default=0, help="seed of the attack starts and the reference noise")
+    p_au.add_argument("--out", metavar="DIR", help="where audit/ goes (default: the run directory; for a config, "
+                                                   "a new folder under runs/)")
+    p_au.add_argument("--no-report", action="store_true", help="do not rewrite the HTML report")
+    p_au.add_argument("--quiet", action="store_true", help="print only where the results went")
+    p_au.set_defaults(func=_cmd_audit)
     p_fa = sub.add_parser("flower-app", help="write a Flower app directory that runs CONFIG with `flwr run`")
     p_fa.add_argument("config", metavar="CONFIG.yaml")
     p_fa.add_argument("outdir", metavar="OUTDIR", help="new directory for the app (pyproject.toml, README.md)")

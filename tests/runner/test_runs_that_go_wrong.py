@@ -166,32 +166,44 @@ def test_out_under_a_file_is_refused_and_leaves_nothing(tmp_path, monkeypatch):
 
 def test_out_where_the_system_denies_writing_is_refused(tmp_path, monkeypatch):
     """A permission error (a read-only directory for a non-root user; as root, which CI is, chmod cannot
-    make one, so the OS's refusal is simulated where the run makes its folder) is the same one line."""
-    real_mkdir = Path.mkdir
+    make one, so the OS's refusal is simulated where the probe file is written: the nearest existing
+    folder above out) is the same one line."""
+    real = rundir.tempfile.NamedTemporaryFile
 
-    def denied(self, *args, **kwargs):
-        if str(self).startswith(str(tmp_path / "locked")):
-            raise PermissionError(13, "Permission denied", str(self))
-        return real_mkdir(self, *args, **kwargs)
+    def denied(*args, dir=None, **kwargs):
+        if Path(dir) == tmp_path:
+            raise PermissionError(13, "Permission denied", str(dir))
+        return real(*args, dir=dir, **kwargs)
 
-    monkeypatch.setattr(Path, "mkdir", denied)
+    monkeypatch.setattr(rundir.tempfile, "NamedTemporaryFile", denied)
     message = _refused_out(tmp_path, tmp_path / "locked" / "run", monkeypatch)
     assert "Permission denied" in message and not (tmp_path / "locked").exists()
 
 
-def test_cli_refuses_out_in_one_line(tmp_path, capsys):
-    assert main(["run", "--quiet", "out=/proc/x", "rounds=1"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: config key 'out': cannot create or write the run directory '/proc/x' ([Errno 2] No such "
-                   "file or directory: '/proc/x'); choose a writable out=DIR"]
-
-
-def test_check_writable_tries_for_real_and_cleans_up(tmp_path):
-    """A new nested out is created, probed and removed again (the run makes it later), so a run failing in
-    between leaves no empty folders; an existing directory keeps its content and gets no probe file."""
+def test_check_writable_tries_for_real_and_leaves_nothing(tmp_path):
+    """A new nested out is probed in its nearest existing ancestor and nothing is created (the run makes
+    the folders later), so a run failing in between leaves no empty folders; an existing directory keeps
+    its content and gets no probe file."""
     rundir.check_writable(tmp_path / "a" / "b" / "c")
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "kept").mkdir()
     (tmp_path / "kept" / "x.txt").write_text("x")
     rundir.check_writable(tmp_path / "kept")
     assert [p.name for p in (tmp_path / "kept").iterdir()] == ["x.txt"]
+
+
+def _start_run_dir(out: Path) -> bool:
+    for _ in range(30):
+        rundir.check_writable(out)
+    return rundir.new_run_dir(str(out), "x").is_dir()
+
+
+def test_check_writable_in_parallel_under_one_new_parent(tmp_path):
+    """Runs started at once under one new parent (a benchmark's ``--jobs 2``) must not fail because one
+    run's check removed a folder the other was creating its run directory in (processes, not threads:
+    the race needs real parallelism)."""
+    import multiprocessing
+
+    outs = [tmp_path / "bench" / "digits" / f"run-{k}" for k in range(6)]
+    with multiprocessing.get_context("fork").Pool(6) as pool:
+        assert pool.map(_start_run_dir, outs) == [True] * 6

@@ -14,14 +14,18 @@ ood           ``ood`` (AUROC, AUPR-in/out, FPR95 per OOD set and score), ``featu
               ``activation_ratio``
 backdoor      ``asr``; with τ > 0 also ``asr_tau``, ``acc_tau`` and ``rejected`` (clean,    a ``backdoor``
               backdoor) under FLIP's rejection (spec flip.md §3, §4)                       attack
+leakage       ``leakage``: the I2F lower bound I_lb = ‖Jδ‖/λmax(JJᵀ) of a few fixed test        —
+              probes (δ = σ·ξ, σ = ``eval.leakage_sigma``; spec i2f.md §1): mean, min, per
+              probe, and the seconds it took (:mod:`fedtrust.privacy.probe`)
 ============  ===========================================================================  =================
 
-The next systems add theirs here (ASR and τ-rejection, robust accuracy, per-width accuracy, leakage risk).
+The next systems add theirs here (robust accuracy, per-width accuracy).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, ClassVar
 
 import torch
@@ -34,6 +38,7 @@ from fedtrust.metrics.accuracy import group_accuracy, per_class_accuracy
 from fedtrust.metrics.backdoor import accuracy_with_rejection, attack_success_rate, rejection_rate
 from fedtrust.ood.metrics import activation_ratio, ece, mean_norm, ood_metrics
 from fedtrust.ood.scores import forward_in_batches, get_score
+from fedtrust.privacy.probe import probe_indices, probe_risk
 from fedtrust.registry import register
 
 
@@ -158,3 +163,32 @@ class Backdoor(Evaluator):
                        acc_tau=_nan_to_none(accuracy_with_rejection(logits, setup.test.y, tau)),
                        rejected={"clean": rejection_rate(logits, tau), "backdoor": rejection_rate(bd_logits, tau)})
         return out
+
+
+@register("evaluator", "leakage")
+class Leakage(Evaluator):
+    """Gradient-leakage risk over rounds (issue 18): the I2F lower bound of ``eval.leakage_probes`` fixed
+    test samples (the first of each class in turn), each shared alone as g0 + σ·ξ (:func:`probe_risk`).
+
+    ``leakage`` = {``i2f_lb``: mean over probes, ``i2f_lb_min``: the riskiest probe's, ``lambda_max``: mean
+    λmax(JJᵀ), ``sigma``, ``probes``: per probe (index, label, i2f_lb, lambda_max, jdelta = ‖Jδ‖,
+    grad_norm = ‖g0‖, seconds), ``seconds``: the evaluator's total cost}. Smaller I_lb: an attacker can get closer
+    to the sample. Null for a model with non-finite weights."""
+
+    name = "leakage"
+
+    def test_metrics(self, name: str, model: nn.Module, logits: Tensor, setup: EvalSetup,
+                     capture: EvalScores | None) -> dict[str, Any]:
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params or not all(bool(torch.isfinite(p).all()) for p in params):
+            return {"leakage": None}
+        start = time.perf_counter()
+        idx = probe_indices(setup.test.y, setup.leakage_probes)
+        device = params[0].device
+        x = setup.normalize(setup.test.x[idx].to(device))
+        risks = probe_risk(model, x, setup.test.y[idx].to(device), setup.leakage_sigma, indices=idx)
+        values = [r.i2f_lb for r in risks]
+        return {"leakage": {"i2f_lb": sum(values) / len(values), "i2f_lb_min": min(values),
+                            "lambda_max": sum(r.lambda_max for r in risks) / len(risks),
+                            "sigma": setup.leakage_sigma, "probes": [r.as_dict() for r in risks],
+                            "seconds": time.perf_counter() - start}}

@@ -45,6 +45,10 @@ class EvalSetup:
     class, when the run's attack is a backdoor; None: no ASR to measure."""
     reject_tau: float = 0.0
     """FLIP's inference-time rejection threshold τ (``eval.reject_tau``): 0 accepts every prediction."""
+    leakage_probes: int = 4
+    """Test samples the ``leakage`` evaluator probes (``eval.leakage_probes``)."""
+    leakage_sigma: float = 1e-3
+    """Std of the ``leakage`` evaluator's reference Gaussian δ (``eval.leakage_sigma``)."""
     ood_model: nn.Module | None = None
     """The model OOD detection is scored with instead of each predictor (``eval.ood_model=init_from``:
     PASCL stage 2 scores OOD with its stage-1 model); None: the predictor itself."""

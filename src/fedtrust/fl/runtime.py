@@ -34,6 +34,7 @@ from fedtrust.fl.local import plan_list, train_locally
 from fedtrust.fl.programs import ClientProgram, run_programs
 from fedtrust.fl.protocol import Algorithm
 from fedtrust.fl.types import ClientContext, LocalTraining, Message, TrainResult, with_prefix
+from fedtrust.fl.update_privacy import UpdatePrivacy
 from fedtrust.robust.attacks import Attack
 
 ATTACK = "attack"
@@ -48,6 +49,8 @@ class ClientRuntime:
     algorithm: Algorithm
     attack: Attack | None = None
     faults: Faults | None = None
+    privacy: UpdatePrivacy | None = None
+    """The benign clients' update defense (config ``privacy``), applied before a reply leaves the client."""
 
     def malicious(self, ctx: ClientContext) -> bool:
         """True when this client attacks in this round."""
@@ -87,12 +90,15 @@ class ClientRuntime:
             reply, state = self.algorithm.finish(message, result, own, ctx)
         else:
             reply, state = self.algorithm.client_update(message, data, own, ctx)
-        reply = self.attack.poison_reply(message, reply, ctx) if bad else reply
+        reply = self.attack.poison_reply(message, reply, ctx) if bad else self._protect(message, reply, ctx)
         return self._corrupt(reply, ctx), self._merge(message, state, attack_state, ctx)
 
     def _check_faults(self, ctx: ClientContext) -> None:
         if self.faults is not None:
             self.faults.before_training(ctx)
+
+    def _protect(self, message: Message, reply: Message, ctx: ClientContext) -> Message:
+        return self.privacy.protect(message, reply, ctx) if self.privacy is not None else reply
 
     def _corrupt(self, reply: Message, ctx: ClientContext) -> Message:
         return self.faults.corrupt(reply, ctx) if self.faults is not None else reply
@@ -124,6 +130,7 @@ class ClientRuntime:
                 errors[c] = e
         for c, (reply, state) in run_programs(programs).items():
             message, attack_state, ctx = kept[c]
+            reply = self._protect(message, reply, ctx)
             out[c] = self._corrupt(reply, ctx), self._merge(message, state, attack_state, ctx)
         return dict(sorted(out.items())), errors
 
@@ -141,7 +148,8 @@ class ClientRuntime:
         """Reply and new state after a declarative training ran (by any trainer)."""
         own, attack_state = self._split(client_state, ctx)
         reply, state = self.algorithm.finish(message, result, own, ctx)
-        reply = self.attack.poison_reply(message, reply, ctx) if self.malicious(ctx) else reply
+        reply = (self.attack.poison_reply(message, reply, ctx) if self.malicious(ctx)
+                 else self._protect(message, reply, ctx))
         return self._corrupt(reply, ctx), self._merge(message, state, attack_state, ctx)
 
     def collude(self, state: Message, messages: dict[int, Message], replies: dict[int, Message],

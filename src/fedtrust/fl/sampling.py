@@ -48,9 +48,10 @@ def force_clients(sampled: list[int], forced: Collection[int], seed: int, round:
     return sorted([*forced, *(others[i] for i in keep)])
 
 
-def client_generator(seed: int, round: int, client: int) -> torch.Generator:
-    """The torch RNG of one client in one round (STYLE.md rule 7)."""
-    state = np.random.SeedSequence([seed, _CLIENT_STREAM, round, client]).generate_state(2, dtype=np.uint32)
+def client_generator(seed: int, round: int, client: int, stream: int = _CLIENT_STREAM) -> torch.Generator:
+    """The torch RNG of one client in one round (STYLE.md rule 7); another ``stream`` gives an independent
+    one for another purpose (the update defense's noise)."""
+    state = np.random.SeedSequence([seed, stream, round, client]).generate_state(2, dtype=np.uint32)
     g = torch.Generator()
     g.manual_seed(int(state[0]) << 32 | int(state[1]))
     return g

@@ -10,8 +10,11 @@
   accuracy, Pearson and Spearman.
 - :mod:`~fedtrust.privacy.attacks`: the gradient-inversion attacks on the same
   :class:`GradientMap`: DLG, Inverting Gradients, iDLG labels, FedAvg-update targets.
+- :mod:`~fedtrust.privacy.probe`: the per-round leakage probe (``I_lb`` on a
+  few fixed training samples) behind the ``leakage`` evaluator.
 
-This package imports no ``fl/`` module, and nothing in ``fl/`` imports it.
+This package imports no ``fl/`` module; ``fl/update_privacy`` (the clip,
+noise and prune defense on shared updates) uses its pruning δ.
 """
 
 from fedtrust.privacy.attacks import AttackResult, dlg, fedavg_target, idlg_label, inverting_gradients, reconstruct

@@ -5,7 +5,8 @@ A run directory (see ``fedtrust.runner``) holds ``config.yaml``,
 ``eval_scores.npz`` (per-sample scores of the final evaluation, for the OOD
 section's histograms, ROC curves and reliability diagram; older runs lack it), and
 ``checkpoint.safetensors``, whose FLIP client state gives a FLIP run under a backdoor
-attack its "FLIP inverted masks" figure.
+attack its "FLIP inverted masks" figure, and ``audit/`` (``fedtrust audit``), which with the
+``leakage`` evaluator's records gives the "Privacy" section.
 Any of them may be missing or damaged (a run killed before its first evaluation, a truncated last
 line): :func:`load_run` keeps whatever parses and records a note for each
 problem, and the report shows those notes instead of failing.
@@ -69,6 +70,7 @@ def write_report(run_dirs: Sequence[Path | str], out: Path | str | None = None) 
     # Imported here: matplotlib loads only when a report is actually written.
     from fedtrust.report.html import render_html
     from fedtrust.report.plots import make_plots
+    from fedtrust.report.privacy_plots import privacy_plots
 
     paths = [Path(p) for p in run_dirs]
     if not paths:
@@ -79,7 +81,7 @@ def write_report(run_dirs: Sequence[Path | str], out: Path | str | None = None) 
     runs = [load_run(p) for p in paths]
     out_path = Path(out) if out is not None else default_report_path(paths)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    plots = make_plots(runs)
+    plots = make_plots(runs) + privacy_plots(runs)
     assets = out_path.parent / ASSETS_DIR
     if plots:
         assets.mkdir(exist_ok=True)

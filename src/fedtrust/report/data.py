@@ -26,6 +26,8 @@ PARTITION_FILE = "partition.json"
 SUMMARY_FILE = "summary.json"
 EVAL_SCORES_FILE = "eval_scores.npz"
 CHECKPOINT_FILE = "checkpoint.safetensors"
+AUDIT_FILE = "audit/audit.json"
+AUDIT_RECONSTRUCTIONS = "audit/reconstructions.npz"
 ASSETS_DIR = "report_files"
 
 
@@ -163,6 +165,7 @@ class RunData:
     eval_scores: EvalScoresData | None = None
     scores_note: str | None = None
     flip_masks: FlipMasks | None = None
+    audit: AuditData | None = None
 
     # --- identity -----------------------------------------------------------
 
@@ -245,6 +248,19 @@ class RunData:
         values: list[float] = []
         for record in self.records:
             value = as_float(self._view(record, predictor).get(key))
+            rnd = record.get("round")
+            if value is not None and isinstance(rnd, int) and not isinstance(rnd, bool):
+                rounds.append(rnd)
+                values.append(value)
+        return rounds, values
+
+    def leakage_series(self, key: str = "i2f_lb") -> tuple[list[int], list[float]]:
+        """Rounds and values of the ``leakage`` evaluator's ``key`` (mean I_lb by default)."""
+        rounds: list[int] = []
+        values: list[float] = []
+        for record in self.records:
+            leak = record.get("leakage")
+            value = as_float(leak.get(key)) if isinstance(leak, dict) else None
             rnd = record.get("round")
             if value is not None and isinstance(rnd, int) and not isinstance(rnd, bool):
                 rounds.append(rnd)
@@ -529,6 +545,43 @@ def _read_flip_masks(path: Path, config: Mapping[str, Any]) -> FlipMasks | str:
                      round_ if isinstance(round_, int) else None, excluded)
 
 
+@dataclass
+class AuditData:
+    """``fedtrust audit``'s results (``audit/audit.json``) and its reconstructions in [0, 1] pixels
+    (``audit/reconstructions.npz``: ``x0_<i>``, ``xhat_<i>``, each ``(B, C, H, W)``; empty when unreadable)."""
+
+    round: int | None
+    settings: dict[str, Any]
+    rows: list[dict[str, Any]]
+    cost: dict[str, Any]
+    originals: dict[int, np.ndarray] = field(default_factory=dict)
+    reconstructions: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+def _read_audit(path: Path, notes: list[str]) -> AuditData | None:
+    """The run's audit, or None (silently when the run was never audited; a note when it is damaged)."""
+    file = path / AUDIT_FILE
+    if not file.exists():
+        return None
+    try:
+        data = json.loads(file.read_text())
+        rows = [r for r in data["rows"] if isinstance(r, dict)]
+        audit = AuditData(data.get("round"), dict(data.get("settings") or {}), rows, dict(data.get("cost") or {}))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        notes.append(f"{AUDIT_FILE} could not be read ({type(err).__name__}); no Privacy section")
+        return None
+    try:
+        with np.load(path / AUDIT_RECONSTRUCTIONS) as npz:
+            for key in npz.files:
+                kind, _, index = key.partition("_")
+                if index.isdigit() and kind in ("x0", "xhat"):
+                    (audit.originals if kind == "x0" else audit.reconstructions)[int(index)] = npz[key]
+    except (OSError, ValueError) as err:
+        if any(r.get("recon") is not None for r in rows):
+            notes.append(f"{AUDIT_RECONSTRUCTIONS} could not be read ({type(err).__name__}); no reconstructions shown")
+    return audit
+
+
 def load_run(run_dir: Path | str) -> RunData:
     """Read a run directory; missing or malformed files become notes, never exceptions."""
     path = Path(run_dir).resolve()
@@ -546,4 +599,5 @@ def load_run(run_dir: Path | str) -> RunData:
             notes.append(read)
         else:
             flip_masks = read
-    return RunData(path, config, records, partition, summary, notes, eval_scores, scores_note, flip_masks)
+    audit = _read_audit(path, notes)
+    return RunData(path, config, records, partition, summary, notes, eval_scores, scores_note, flip_masks, audit)

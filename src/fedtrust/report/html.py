@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from fedtrust.report.data import as_float
+
 if TYPE_CHECKING:
     from fedtrust.report.data import RunData
     from fedtrust.report.plots import Plot
@@ -66,6 +68,11 @@ def fmt_pct(value: float | None, digits: int = 2) -> str:
 def fmt_num(value: float | None, digits: int = 4) -> str:
     """A plain number with ``digits`` decimals; None -> em dash."""
     return MISSING if value is None else f"{value:.{digits}f}"
+
+
+def fmt_sig(value: float | None, digits: int = 3) -> str:
+    """A number with ``digits`` significant figures (``0.00262``, ``1.52e-04``); None or NaN -> em dash."""
+    return MISSING if value is None or value != value else f"{value:.{digits}g}"
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -203,6 +210,40 @@ def _ood_section(runs: Sequence[RunData], plots: Sequence[Plot], png_names: Mapp
     return "<h2>OOD detection, calibration and class groups (final evaluation)</h2>\n" + body if body else ""
 
 
+def _audit_table(run: RunData) -> str:
+    """One run's ``fedtrust audit`` rows: target, defense, I2F lower bound and the attack's errors."""
+    audit = run.audit
+    if audit is None or not audit.rows:
+        return ""
+    s = audit.settings
+    cost = audit.cost
+    head = (f"<p><b>{esc(run.label)}</b>: audit at round {esc(audit.round)}, target {esc(s.get('target'))}, "
+            f"attack {esc(s.get('attack'))} ({esc(s.get('iterations'))} iterations, {esc(s.get('restarts'))} "
+            f"restarts, labels given). Cost per row: I_lb {fmt_sig(as_float(cost.get('i2f_seconds_mean')))} s, "
+            f"attack {fmt_sig(as_float(cost.get('attack_seconds_mean')))} s.</p>")
+    headers = ["client", "samples", "defense", "I_lb", "λmax", "‖x̂−x0‖₂", "MSE", "PSNR (dB)", "SSIM"]
+    rows = []
+    for r in audit.rows:
+        text = [esc(r.get("client")), esc(" ".join(map(str, r.get("samples") or []))), esc(r.get("defense"))]
+        nums = [fmt_sig(as_float(r.get(k))) for k in ("i2f_lb", "lambda_max", "l2_error", "mse", "psnr", "ssim")]
+        rows.append([(c, False) for c in text] + [(c, True) for c in nums])
+    return head + "\n" + _table(headers, rows)
+
+
+def _privacy_section(runs: Sequence[RunData], plots: Sequence[Plot], png_names: Mapping[str, str]) -> str:
+    """Gradient leakage: the audit tables, then the leakage curve and the audit's figures; empty without any."""
+    parts = [_audit_table(run) for run in runs]
+    parts += [_figure_html(p, png_names.get(p.key)) for p in plots if p.section == "privacy"]
+    body = "\n".join(part for part in parts if part)
+    if not body:
+        return ""
+    intro = ("<p>How much a shared gradient reveals (spec i2f.md): the I2F lower bound ‖Jδ‖/λmax(JJᵀ) of the "
+             "reconstruction error a gradient-inversion attacker can reach when the shared gradient carries the "
+             "perturbation δ (smaller: riskier; 0 without a defense), and, where <code>fedtrust audit</code> ran "
+             "an attack, its reconstructions and errors. LPIPS is not computed (it needs pretrained weights).</p>")
+    return "<h2>Privacy</h2>\n" + intro + "\n" + body
+
+
 def _figure_html(plot: Plot, png_name: str | None) -> str:
     """A plot inlined as a base64 PNG, with its caption."""
     data = base64.b64encode(plot.png).decode("ascii")
@@ -216,7 +257,7 @@ def _figure_html(plot: Plot, png_name: str | None) -> str:
 
 def _plots_section(plots: Sequence[Plot], png_names: Mapping[str, str]) -> str:
     """The training plots (not the OOD section's), or a line saying there is nothing to draw."""
-    shown = [p for p in plots if p.section != "ood"]
+    shown = [p for p in plots if p.section == "plots"]
     if not shown:
         return "<h2>Plots</h2>\n<p>No plots: none of the runs recorded metrics or a partition yet.</p>"
     return "<h2>Plots</h2>\n" + "\n".join(_figure_html(p, png_names.get(p.key)) for p in shown)
@@ -264,6 +305,7 @@ def render_html(runs: Sequence[RunData], plots: Sequence[Plot], png_names: Mappi
             _predictor_section(runs),
             _plots_section(plots, png_names or {}),
             _ood_section(runs, plots, png_names or {}),
+            _privacy_section(runs, plots, png_names or {}),
             _config_section(runs),
             f"<footer>Written by fedtrust {esc(_version())}. Accuracies are on the test split; "
             "per-client accuracy is each client's personalized accuracy on its local test data.</footer>",

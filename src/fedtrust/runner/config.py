@@ -180,6 +180,10 @@ class EvalConfig(Section):
                                                                          "and recorded here)")
     metrics: list[str] = Field(default_factory=lambda: ["accuracy", "calibration", "ood", "backdoor"],
                                description="evaluators to run (`fedtrust list evaluator`), in this order")
+    leakage_probes: int = Field(4, ge=1, le=64, description="leakage evaluator: test samples probed (the first "
+                                                            "of each class in turn)")
+    leakage_sigma: float = Field(1e-3, gt=0, description="leakage evaluator: std of the reference Gaussian "
+                                                         "perturbation δ of a probe's gradient (I_lb scales with it)")
     ood_model: Literal["final", "init_from"] = Field(
         "final", description="the model OOD detection is scored with: the run's own (final), or the init_from "
                              "model (PASCL stage 2: OOD from stage 1, accuracy from stage 2)")
@@ -301,6 +305,17 @@ class FaultsConfig(Section):
         return self
 
 
+class PrivacyConfig(Section):
+    """Section ``privacy``: the benign clients' defense of their shared update against gradient leakage
+    (``fedtrust.fl.update_privacy``: prune, clip, then noise Δ before it is sent). All off by default."""
+
+    clip: float | None = Field(None, gt=0, description="L2 bound C on a client's update Δ (null: no clipping)")
+    noise: float = Field(0.0, ge=0, description="std σ of the Gaussian noise added to each entry of Δ (with clip, "
+                                                "σ = z·C for noise multiplier z; 0: none)")
+    prune: float = Field(0.0, ge=0, lt=1, description="fraction of Δ's smallest-magnitude entries set to 0")
+    seed: int | None = Field(None, ge=0, description="seed of the noise draws (null: the run seed)")
+
+
 class InitFrom(Section):
     """Where a run's initial server weights come from (``init_from``); see ``fedtrust.runner.run``."""
 
@@ -329,6 +344,8 @@ class RunConfig(Section):
                                                                               "reply validation")
     faults: FaultsConfig = Field(default_factory=FaultsConfig, description="injected client faults and the "
                                                                          "straggler model (reliability tests)")
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig, description="client-side update defense "
+                                                                            "against gradient leakage")
 
     @model_validator(mode="after")
     def _outliers(self) -> "RunConfig":

@@ -32,6 +32,7 @@ from fedtrust.robust.triggers import Stamper
 from fedtrust.evaluation import EvalSetup, EvaluatesClients
 from fedtrust.fl.executor import ClientData, Executor
 from fedtrust.fl.faults import Faults
+from fedtrust.fl.update_privacy import UpdatePrivacy
 from fedtrust.fl.protocol import Algorithm, ClientContext, Message, OptimizerSpec
 from fedtrust.fl.sampling import clients_per_round
 from fedtrust.fl.schedule import lr_at
@@ -151,7 +152,8 @@ def build_federation(cfg: RunConfig) -> Federation:
     attack = build_run_attack(cfg, dataset.num_classes)
     eval_setup = EvalSetup(test, norm, stats["groups"], stats["hmt"], local_test, cfg.eval.batch_size,
                            ood_sets=ood_sets, scores=tuple(cfg.eval.scores), metrics=tuple(cfg.eval.metrics),
-                           backdoor=backdoor_test(attack, test), reject_tau=cfg.eval.reject_tau)
+                           backdoor=backdoor_test(attack, test), reject_tau=cfg.eval.reject_tau,
+                           leakage_probes=cfg.eval.leakage_probes, leakage_sigma=cfg.eval.leakage_sigma)
     outliers = None
     if cfg.data.outliers is not None:
         outliers = load_outliers(cfg.data.outliers, dataset.shape, cfg.data.num_outliers, cfg.seed, root).to(device)
@@ -166,6 +168,7 @@ def build_federation(cfg: RunConfig) -> Federation:
     extra = {"config": cfg} if "config" in inspect.signature(executor_cls).parameters else {}
     executor = executor_cls(algorithm, data, cfg.seed, device, k, attack=attack,
                             sampler=get("sampler", cfg.data.sampler), faults=build_faults(cfg, data), **extra)
+    executor.runtime.privacy = build_privacy(cfg)
     if isinstance(executor, EvaluatesClients):  # client state kept off the server (Flower): scored where it lives
         eval_setup.client_evaluator = executor.evaluate_clients
     return Federation(cfg, dataset, data, stats, algorithm, executor, eval_setup, device,
@@ -184,6 +187,13 @@ def build_faults(cfg: RunConfig, data: ClientData) -> Faults | None:
     faults = Faults(f.seed if f.seed is not None else cfg.seed, f.crash, f.hang, f.garbage, tuple(f.garbage_kinds),
                     f.hang_seconds, f.round_timeout, f.speed, f.speed_sigma, work)
     return faults if faults.active else None
+
+
+def build_privacy(cfg: RunConfig) -> UpdatePrivacy | None:
+    """The ``privacy`` section as the clients' :class:`~fedtrust.fl.update_privacy.UpdatePrivacy` (None when off)."""
+    p = cfg.privacy
+    privacy = UpdatePrivacy(p.clip, p.noise, p.prune, p.seed if p.seed is not None else cfg.seed)
+    return privacy if privacy.active else None
 
 
 def build_algorithm(cfg: RunConfig, dataset: Dataset, class_counts: torch.Tensor, norm: Any,

@@ -66,27 +66,23 @@ def check_writable(out: str | Path | None, base: Path = Path("runs"),
                    advice: str = "choose a writable out=DIR") -> None:
     """Fail early, in one line, when no run directory can be made at ``out`` (None: under ``base``).
 
-    It tries for real (``os.access`` says yes to root even for ``/proc``):
-    creates the missing folders, writes and deletes a probe file, then removes
-    the folders it created, so nothing is left behind if the run fails before
-    it creates its directory (:func:`new_run_dir`).
+    It tries for real (``os.access`` says yes to root even for ``/proc``): it
+    writes and deletes a probe file in ``out``, or, when ``out`` does not exist
+    yet, in its nearest existing ancestor (where the run will create the
+    missing folders). Nothing is created, so a run failing before it creates
+    its directory (:func:`new_run_dir`) leaves nothing behind, and runs started
+    in parallel under one new parent do not race on creating and removing it.
     """
     target = Path(out) if out is not None else base
-    created: list[Path] = []
+    anchor = next((p for p in (target, *target.parents) if p.exists()), Path("."))
     try:
-        for folder in reversed([p for p in (target, *target.parents) if not p.exists()]):
-            folder.mkdir()
-            created.append(folder)
-        with tempfile.NamedTemporaryFile(dir=target, prefix=".fedtrust-probe-"):
+        if not anchor.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(anchor))
+        with tempfile.NamedTemporaryFile(dir=anchor, prefix=".fedtrust-probe-"):
             pass
     except OSError as e:
-        raise _unwritable(target, e, advice) from e
-    finally:
-        for folder in reversed(created):
-            try:
-                folder.rmdir()
-            except OSError:
-                pass
+        reason = OSError(e.errno, e.strerror, str(target)) if e.errno is not None else e
+        raise _unwritable(target, reason, advice) from e
 
 
 def new_run_dir(out: str | None, label: str, base: Path = Path("runs")) -> Path:
