@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_au.add_argument("--sigma", default="1e-3", help="comma-separated reference noise stds on the shared gradient")
     p_au.add_argument("--attack", choices=["dlg", "ig", "none"], default="dlg",
                       help="attack run on each defended target: DLG (L-BFGS), Inverting Gradients, or none")
-    p_au.add_argument("--iterations", type=int, default=300, help="attack iterations per restart")
+    p_au.add_argument("--iterations", type=int, help="attack iterations per restart (default: DLG 20 L-BFGS steps, "
+                                                     "IG 500 Adam steps)")
     p_au.add_argument("--restarts", type=int, default=2, help="attack restarts (the lowest matching loss is kept)")
     p_au.add_argument("--seed", type=int, default=0, help="seed of the attack starts and the reference noise")
     p_au.add_argument("--out", metavar="DIR", help="where audit/ goes (default: the run directory; for a config, "

@@ -12,10 +12,11 @@ in the next round), each row is one shared target under one defense:
   clients apply it, :mod:`fedtrust.fl.update_privacy`), and ``noise σ`` (a reference Gaussian δ = σ·ξ on
   the shared gradient, ``--sigma``). FL's own defenses show in the ``update`` target (batch size B and
   local steps S mix the samples).
-* the I2F lower bound I_lb = ‖Jδ‖/λmax(JJᵀ) (spec i2f.md §1, :mod:`fedtrust.privacy.probe`) and, with
-  ``--attack dlg|ig``, the attack's reconstruction from the defended target (known labels, random starts,
-  the restart with the lowest matching loss kept) and its errors: ‖x̂ − x0‖₂ in model-input space (I2F's
-  scale), MSE, PSNR and SSIM in [0, 1] pixels.
+* the I2F lower bound I_lb = ‖Jδ‖/λmax(JJᵀ) (spec i2f.md §1, :mod:`fedtrust.privacy.probe`; J of the
+  batch's gradient at the round's model, so for ``update`` with S > 1 the first step's J) of the same δ the
+  attacker faces and, with ``--attack dlg|ig``, the attack's reconstruction from the defended target (known
+  labels, random starts, the restart with the lowest matching loss kept) and its errors: ‖x̂ − x0‖₂ in
+  model-input space (I2F's scale), MSE, PSNR and SSIM in [0, 1] pixels.
 
 Writes ``RUN_DIR/audit/``: ``audit.json`` (settings, rows, costs), ``audit.md`` (the table) and
 ``reconstructions.npz`` (originals and reconstructions in [0, 1] pixels), then rewrites the run's
@@ -40,6 +41,7 @@ from fedtrust.errors import ConfigError, FedTrustError
 from fedtrust.fl.update_privacy import UpdatePrivacy
 from fedtrust.privacy.attacks import dlg, fedavg_target, inverting_gradients
 from fedtrust.privacy.metrics import l2_error, mse, psnr, ssim
+from fedtrust.privacy.i2f import gaussian_delta
 from fedtrust.privacy.probe import batch_risk
 from fedtrust.runner import rundir
 from fedtrust.runner.checkpoint import load_checkpoint
@@ -54,6 +56,9 @@ AUDIT_MD = "audit.md"
 RECONSTRUCTIONS = "reconstructions.npz"
 ATTACKS = ("none", "dlg", "ig")
 TARGETS = ("gradient", "update")
+DEFAULT_ITERATIONS = {"dlg": 20, "ig": 500, "none": 0}
+"""Attack iterations when ``--iterations`` is not given: enough on the benchmark's digits and MNIST nets for
+DLG to reach a >70 dB reconstruction of an undefended gradient (benchmarks/results/leakage.md)."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,9 @@ class AuditSettings:
     """Local SGD steps S of the ``update`` target (None: ``train.steps``, else 1)."""
     sigmas: tuple[float, ...] = (1e-3,)
     attack: Literal["none", "dlg", "ig"] = "dlg"
-    iterations: int = 300
+    iterations: int | None = None
+    """Attack iterations per restart; None: :data:`DEFAULT_ITERATIONS` of the attack (DLG's are L-BFGS outer
+    steps of up to 20 inner iterations each, IG's are Adam steps)."""
     restarts: int = 2
     seed: int = 0
 
@@ -80,7 +87,7 @@ class AuditSettings:
         if self.target not in TARGETS:
             raise ConfigError(f"audit target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         for name in ("num_clients", "samples", "iterations", "restarts"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"audit {name} must be >= 1, got {getattr(self, name)}")
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"audit steps must be >= 1, got {self.steps}")
@@ -175,7 +182,7 @@ def _defended(g: Tensor, privacy: UpdatePrivacy, lr: float, steps: int, round: i
     """The gradient-like target a client running ``privacy`` shares: its update −η·S·g defended as the
     clients defend it, mapped back to gradient scale."""
     scale = -lr * steps
-    return privacy.perturb((scale * g).float(), round, client).double() / scale
+    return privacy.perturb(scale * g, round, client) / scale  # float64: no float32 round-off posing as δ
 
 
 def audit_run(source: Path | str, settings: AuditSettings = AuditSettings(), overrides: list[str] | None = None,
@@ -221,7 +228,9 @@ def audit_run(source: Path | str, settings: AuditSettings = AuditSettings(), ove
             if privacy is not None:
                 g0 = g if g is not None else _gradient(model, x0, y)
                 defenses.append(("privacy", _defended(g0, privacy, lr, steps, round_ + 1, client) - g0))
-            defenses += [(f"noise {s:g}", s) for s in settings.sigmas]
+            if settings.sigmas:  # one draw of δ = σ·ξ per target, faced by I_lb and the attack alike
+                g0 = g if g is not None else _gradient(model, x0, y)
+                defenses += [(f"noise {s:g}", gaussian_delta(g0, s, gen)) for s in settings.sigmas]
             for name, delta in defenses:
                 row = _row(model, x0, y, g, delta, gen, client, [int(data_index(fed, client, i)) for i in picks],
                            settings.target, name)
@@ -262,15 +271,14 @@ def _attack(model: nn.Module, row: AuditRow, x0: Tensor, y: Tensor, g: Tensor | 
     target = g if g is not None else _gradient(model, x0, y)
     if isinstance(delta, Tensor):
         target = target + delta
-    elif delta > 0:
-        target = target + delta * torch.randn(target.shape, generator=gen, dtype=target.dtype, device=target.device)
     start = time.perf_counter()
+    iterations = settings.iterations or DEFAULT_ITERATIONS[settings.attack]
     if settings.attack == "dlg":
-        out = dlg(model, target, x0.shape, y, optimizer="lbfgs", iterations=settings.iterations,
+        out = dlg(model, target, x0.shape, y, optimizer="lbfgs", iterations=iterations,
                   restarts=settings.restarts, generator=gen)
     else:
         out = inverting_gradients(model, target, x0.shape, y, mean=mean[0], std=std[0],
-                                  iterations=settings.iterations, restarts=settings.restarts, generator=gen)
+                                  iterations=iterations, restarts=settings.restarts, generator=gen)
     row.seconds_attack = time.perf_counter() - start
     x_hat = out.x.detach()
     finite = bool(torch.isfinite(x_hat).all())
@@ -301,8 +309,8 @@ def audit_table(result: AuditResult) -> list[str]:
     s = result.settings
     cost = _costs(result.rows)
     lines = [f"# Gradient-leakage audit of {result.run_dir.name} (round {result.round})", "",
-             f"Target: {s.target}; attack: {s.attack} ({s.iterations} iterations, {s.restarts} restarts, labels "
-             f"given); I_lb = ||J delta|| / lambda_max(JJ^T) (smaller: riskier; 0 without a defense).",
+             f"Target: {s.target}; attack: {s.attack} ({s.iterations or DEFAULT_ITERATIONS[s.attack]} iterations, "
+             f"{s.restarts} restarts, labels given); I_lb = ||J delta|| / lambda_max(JJ^T) (smaller: riskier; 0 without a defense).",
              f"Cost: I_lb {_fmt(cost['i2f_seconds_mean'], '.2f')} s per row, attack "
              f"{_fmt(cost['attack_seconds_mean'], '.2f')} s per row.", "",
              "| client | samples | labels | defense | I_lb | lambda_max | ‖x̂−x0‖ | MSE | PSNR (dB) | SSIM |",
