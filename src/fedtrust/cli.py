@@ -4,6 +4,9 @@
     fedtrust report RUN_DIR [RUN_DIR ...] [-o OUT.html]
     fedtrust list [KIND]
     fedtrust audit RUN_DIR | CONFIG.yaml [key=value ...] [--attack dlg|ig|none] [--target gradient|update] ...
+    fedtrust flower-app CONFIG.yaml OUTDIR [key=value ...]
+    fedtrust flower-certs OUTDIR --host ADDR [--host ADDR ...] [--nodes N] [--days D]
+    fedtrust flower-superlink [--operator ADDR[/BITS] ...] FLOWER_SUPERLINK_ARGS ...
 
 Errors a user can cause print one line (``error: ...``) and exit with status 2.
 """
@@ -111,6 +114,31 @@ def _cmd_flower_app(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_flower_certs(args: argparse.Namespace) -> int:
+    from fedtrust.flower.certs import write_certificates
+
+    files = write_certificates(args.outdir, args.host, nodes=args.nodes, days=args.days)
+    print(f"wrote to {files.ca_cert.parent}:")
+    print(f"  CA:        {files.ca_cert.name} (give to SuperNodes and flwr), {files.ca_key.name} (keep private)")
+    print(f"  SuperLink: {files.server_cert.name}, {files.server_key.name}")
+    if files.node_keys:
+        pairs = ", ".join(f"{k.name} + {p.name}" for k, p in zip(files.node_keys, files.node_public_keys))
+        print(f"  SuperNode keys: {pairs}")
+    print(f"server certificate valid for: {', '.join(files.server_names)} ({args.days} days)")
+    return 0
+
+
+def _cmd_flower_superlink(args: argparse.Namespace, flower_args: list[str]) -> int:
+    from fedtrust.flower import require_flower
+
+    require_flower("fedtrust flower-superlink")
+    from fedtrust.flower.superlink_guard import LOOPBACK, parse_operators, run_guarded_superlink
+
+    operators = parse_operators([*LOOPBACK, *(args.operator or [])])
+    run_guarded_superlink(flower_args, operators)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedtrust", description="Trustworthy federated learning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,14 +184,33 @@ def build_parser() -> argparse.ArgumentParser:
     p_fa.add_argument("outdir", metavar="OUTDIR", help="new directory for the app (pyproject.toml, README.md)")
     p_fa.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, as for `fedtrust run`")
     p_fa.set_defaults(func=_cmd_flower_app)
+    p_fc = sub.add_parser("flower-certs", help="write a CA, a SuperLink TLS certificate and SuperNode key pairs "
+                                               "for a Flower deployment")
+    p_fc.add_argument("outdir", metavar="OUTDIR", help="new or empty directory for the files")
+    p_fc.add_argument("--host", action="append", required=True, metavar="ADDR",
+                      help="an IP address or DNS name the SuperLink is reached at, without a port (repeatable); "
+                           "127.0.0.1, ::1 and localhost are always added")
+    p_fc.add_argument("--nodes", type=int, default=2, help="SuperNode authentication key pairs to write")
+    p_fc.add_argument("--days", type=int, default=365, help="days the certificates are valid")
+    p_fc.set_defaults(func=_cmd_flower_certs)
+    p_sl = sub.add_parser("flower-superlink", help="Flower's SuperLink with its Control and Runtime APIs open only "
+                                                   "to the operator (loopback and --operator); other arguments go "
+                                                   "to flower-superlink")
+    p_sl.add_argument("--operator", action="append", metavar="ADDR[/BITS]",
+                      help="an address or network besides loopback allowed to use the Control API (flwr CLI); "
+                           "repeatable")
+    p_sl.set_defaults(func=_cmd_flower_superlink, passthrough=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedtrust`` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.func(args)
+        return args.func(args, extra) if getattr(args, "passthrough", False) else args.func(args)
     except FedTrustError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 pytest.importorskip("flwr", reason="Flower not installed: pip install 'fedtrust[flower]'")
@@ -83,3 +85,28 @@ def test_node_client_errors_name_the_node_config_key(node_config, error):
     with pytest.raises(ConfigError, match=error):
         node_client(node_config, 2)
     assert node_client({"partition-id": 1, "num-partitions": 2}, 2) == 1
+
+
+def test_readme_deployment_block_is_the_generated_one():
+    """The README's deployment steps are :func:`deployment_steps`' output, byte for byte (regenerate the block
+    with it when the steps change): the steps tests/flower/test_deployment.py runs from the README are the
+    ones every app's README shows."""
+    from fedtrust.flower.deployment import README_BEGIN, README_END, deployment_steps
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme[readme.index(README_BEGIN) + len(README_BEGIN):readme.index(README_END)]
+    assert block == f"\n```bash\n{deployment_steps()}```\n"
+
+
+def test_app_readme_has_the_steps_for_its_client_count(tmp_path):
+    """An app for 3 clients: three keys, three SuperNodes on three ports, partitions 0-2 of 3, `flwr run` of the
+    app's own directory, and no step that writes the app again."""
+    from fedtrust.flower.deployment import deployment_steps
+
+    out = tmp_path / "myapp"
+    assert main(["flower-app", "configs/fedavg-digits.yaml", str(out), "data.num_clients=3",
+                 "data.clients_per_round=3"]) == 0
+    text = (out / "README.md").read_text()
+    assert deployment_steps(3, app="myapp", config=None) in text
+    assert "--nodes 3" in text and "certs/node2.pub" in text and "partition-id=2 num-partitions=3" in text
+    assert "--port 9096" in text and "flwr run myapp my-link" in text and "\nfedtrust flower-app " not in text

@@ -22,6 +22,7 @@ from fedtrust.errors import ConfigError, FedTrustError
 from fedtrust.flower import LOGGER
 from fedtrust.flower.app_config import FlowerSettings, config_from_run_config, config_table
 from fedtrust.flower.client_app import make_client_app
+from fedtrust.flower.deployment import SEVERAL_MACHINES, deployment_steps
 from fedtrust.flower.executor import bind_grid
 from fedtrust.runner.config import RunConfig, build_config, config_to_dict
 
@@ -32,7 +33,8 @@ def make_server_app() -> ServerApp:
     """The deployable ServerApp: ``fedtrust.run`` of the run config's fedtrust config on the deployment's Grid.
 
     It writes the usual run directory (``fedtrust.out``, default ``runs/…``
-    under the ServerApp's working directory) and logs the final metrics.
+    under the ServerApp's working directory), logs one line per round (clients that replied, failed ones,
+    loss, accuracy at evaluation rounds, time), which ``flwr run --stream`` shows, and the final metrics.
     """
     app = ServerApp()
 
@@ -44,7 +46,7 @@ def make_server_app() -> ServerApp:
         settings = FlowerSettings.from_run_config(context.run_config)
         try:
             with bind_grid(grid, settings):
-                result = run(cfg, progress=False)
+                result = run(cfg, progress=False, round_lines=lambda line: log.info("fedtrust: %s", line))
         except FedTrustError as e:
             log.error("fedtrust: error: %s", e)
             raise
@@ -68,16 +70,14 @@ A Flower app running the fedtrust config in `pyproject.toml`
 (`[tool.flwr.app.config]`: fedtrust keys under `fedtrust.*`, adapter settings
 under `flower.*`), written by `fedtrust flower-app`. fedtrust (`pip install
 'fedtrust[flower]'`) must be installed wherever the SuperLink and the
-SuperNodes run; the app itself carries no code.
+SuperNodes run; the app itself carries no code. One SuperNode per client,
+`partition-id` 0 … {last}. On one machine, from the directory that holds this
+app (the same steps as fedtrust's README, "Scaling out"):
 
-Start one SuperNode per client, `partition-id` 0 … {last} (see fedtrust's README, "Scaling out"):
+```bash
+{steps}```
 
-    flower-superlink --ssl-ca-certfile ca.pem --ssl-certfile server.pem --ssl-keyfile server.key \\
-        --enable-supernode-auth --disable-runtime-dependency-installation
-    flwr supernode register node0.pub my-link
-    flower-supernode --superlink HOST:8000 --root-certificates ca.pem --auth-supernode-private-key node0 \\
-        --node-config "partition-id=0 num-partitions={n} data-root='/data'"
-    flwr run . my-link --stream --run-config "fedtrust.rounds=5"
+{several}
 """
 
 
@@ -105,5 +105,6 @@ def write_app(cfg: RunConfig, outdir: str | Path, name: str | None = None) -> Pa
         "# A Flower app running a fedtrust config; written by `fedtrust flower-app`.\n"
         + tomli_w.dumps(app_pyproject(cfg, name)))
     n = cfg.data.num_clients
-    (out / "README.md").write_text(_README.format(name=name, n=n, last=n - 1))
+    steps = deployment_steps(n, app=out.name, config=None)
+    (out / "README.md").write_text(_README.format(name=name, last=n - 1, steps=steps, several=SEVERAL_MACHINES))
     return out

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from fedtrust.fl.executor import Callback, ClientStore
 from fedtrust.fl.protocol import Message
 from fedtrust.metrics.backdoor import lifespan
 from fedtrust.runner import rundir
-from fedtrust.runner.callbacks import Checkpointer, DivergenceGuard, Evaluator, MetricsLogger, ProgressBar
+from fedtrust.runner.callbacks import Checkpointer, DivergenceGuard, Evaluator, MetricsLogger, ProgressBar, RoundLines
 from fedtrust.runner.checkpoint import config_mismatch, load_checkpoint
 from fedtrust.runner.config import RunConfig, build_config, config_to_dict, load_config, load_yaml
 from fedtrust.runner.federation import build_federation
@@ -64,13 +65,14 @@ def _as_config(config: RunConfig | dict | str | Path | None, overrides: list[str
 
 def run(config: RunConfig | dict | str | Path | None = None, overrides: list[str] | None = None, *,
         resume: str | Path | None = None, console: Console | None = None, progress: bool = True,
-        report: bool = True) -> RunResult:
+        report: bool = True, round_lines: Callable[[str], None] | None = None) -> RunResult:
     """Run (or resume) a federated training job and return its :class:`RunResult`.
 
     ``config`` is a :class:`RunConfig`, a plain dict, a YAML path, or None for
     the defaults (FedAvg on bundled digits); ``overrides`` are ``key=value``
     strings. With ``resume``, the config defaults to the run's ``config.yaml``
-    and must match the checkpoint's (except ``out``).
+    and must match the checkpoint's (except ``out``). ``round_lines`` receives one plain line per round
+    (:class:`~fedtrust.runner.callbacks.RoundLines`; the Flower ServerApp streams them to ``flwr run``).
     """
     console = console or Console(quiet=not progress)
     if resume is not None:
@@ -130,6 +132,8 @@ def run(config: RunConfig | dict | str | Path | None = None, overrides: list[str
     evaluator = Evaluator(fed.algorithm, fed.eval_setup, cfg.eval.every, cfg.rounds, run_dir, guard)
     callbacks: list[Callback] = [*([guard] if guard is not None else []), evaluator, MetricsLogger(run_dir, offset),
                                  Checkpointer(run_dir, config_to_dict(cfg), cfg.checkpoint_every, cfg.rounds)]
+    if round_lines is not None:
+        callbacks.append(RoundLines(round_lines))
     if progress:
         callbacks.append(ProgressBar(console, f"{cfg.algorithm.name} on {cfg.data.dataset} ({fed.executor.name})"))
     console.print(f"fedtrust: {cfg.algorithm.name} on {cfg.data.dataset}, {cfg.data.num_clients} clients, "
