@@ -26,6 +26,8 @@ expected (:func:`load_npz` lists the rules).
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +56,69 @@ def load_digits(root: Path | None = None) -> Dataset:
 
     The train/test split is stratified and fixed (``random_state=0``), so every
     run and every test sees the same 1,437 training and 360 test images.
+    Importing scikit-learn costs about a second, paid by every process that
+    loads digits (each Flower ClientApp message); so the images and the split
+    are cached in :func:`digits_cache_file` after the first load, and read from
+    there while it holds them for the installed scikit-learn.
     """
+    x, y, idx_train, idx_test = _digits_arrays()
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    train = ImageSet(xt[idx_train].contiguous(), yt[idx_train].contiguous(), 10)
+    test = ImageSet(xt[idx_test].contiguous(), yt[idx_test].contiguous(), 10)
+    mean = float(train.x.float().mean() / 255.0)
+    std = float(train.x.float().std() / 255.0)
+    return Dataset("digits", train, test, (mean,), (std,), augment="none", classes=tuple(str(i) for i in range(10)))
+
+
+DIGITS_KEYS = ("x", "y", "idx_train", "idx_test")
+
+
+def digits_cache_file() -> Path:
+    """Where the digits cache lives: ``$FEDTRUST_CACHE``, else ``$XDG_CACHE_HOME/fedtrust``, else
+    ``~/.cache/fedtrust``; one file per scikit-learn version (its data or split could change)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        sk = version("scikit-learn")
+    except PackageNotFoundError:
+        sk = "unknown"
+    base = os.environ.get("FEDTRUST_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fedtrust")
+    return Path(base) / f"digits-sklearn-{sk}.npz"
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(x, y, idx_train, idx_test)``: x uint8 (1797, 1, 8, 8), y int64, the sorted split indices; from the
+    cache when it holds sound arrays, else computed with scikit-learn and cached (best effort: an unwritable
+    cache only costs the next process the import again)."""
+    path = digits_cache_file()
+    try:
+        with np.load(path) as npz:
+            arrays = tuple(npz[k] for k in DIGITS_KEYS)
+        if _digits_sound(*arrays):
+            return arrays  # type: ignore[return-value]
+    except (OSError, ValueError, KeyError, EOFError):
+        pass
+    arrays = _digits_from_sklearn()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.npz")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **dict(zip(DIGITS_KEYS, arrays)))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return arrays
+
+
+def _digits_sound(x: np.ndarray, y: np.ndarray, idx_train: np.ndarray, idx_test: np.ndarray) -> bool:
+    n = 1797
+    return (x.dtype == np.uint8 and x.shape == (n, 1, 8, 8) and y.dtype == np.int64 and y.shape == (n,)
+            and idx_train.shape == (n - DIGITS_TEST_SIZE,) and idx_test.shape == (DIGITS_TEST_SIZE,)
+            and np.array_equal(np.sort(np.concatenate([idx_train, idx_test])), np.arange(n)))
+
+
+def _digits_from_sklearn() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits as sk_load_digits
     from sklearn.model_selection import train_test_split
 
@@ -64,14 +128,7 @@ def load_digits(root: Path | None = None) -> Dataset:
     idx_train, idx_test = train_test_split(
         np.arange(len(y)), test_size=DIGITS_TEST_SIZE, stratify=y, random_state=0
     )
-    idx_train.sort()
-    idx_test.sort()
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    train = ImageSet(xt[idx_train].contiguous(), yt[idx_train].contiguous(), 10)
-    test = ImageSet(xt[idx_test].contiguous(), yt[idx_test].contiguous(), 10)
-    mean = float(train.x.float().mean() / 255.0)
-    std = float(train.x.float().std() / 255.0)
-    return Dataset("digits", train, test, (mean,), (std,), augment="none", classes=tuple(str(i) for i in range(10)))
+    return x, y, np.sort(idx_train).astype(np.int64), np.sort(idx_test).astype(np.int64)
 
 
 # ---------------------------------------------------------------- file-based sets
