@@ -1,7 +1,7 @@
 """Update-privacy benchmark (issue 18): what the clients' prune / clip / noise defense (config ``privacy``) costs in
 accuracy and buys against gradient leakage, measured with the ``leakage`` evaluator and ``fedtrust audit``.
 
-Reproduce (from the repository root; about 5 min on 2 CPU cores):
+Reproduce (from the repository root; about 12 min on 2 CPU cores: 5 for the runs, the rest for the audits):
 
     python benchmarks/update_privacy.py --seeds 0,1,2 --jobs 2
 
