@@ -83,3 +83,20 @@ def test_replies_sharing_a_renamed_key_cannot_outvote_the_sound_ones():
     valid, rejected = validate_replies(state, {0: renamed, 1: renamed, 2: sound, 3: sound})
     assert sorted(valid) == [2, 3] and sorted(rejected) == [0, 1]
     assert all("missing key 'model/b'" in r for r in rejected.values())
+
+
+def test_a_spec_dimension_of_minus_one_matches_any_size():
+    """IS&BC's replies hold each client's own sample count: a −1 in the spec matches any size there, and
+    only there (the other dimensions and the rank still must match)."""
+    state = Message({"model/w": torch.zeros(2)})
+    spec = {"mix/h": ((-1, 4, 2, 2), torch.float32), "mix/y": ((-1,), torch.int64)}
+
+    def reply(n: int, shape=(4, 2, 2), y_rank: int = 1) -> Message:
+        y = torch.zeros((n,) if y_rank == 1 else (n, 1), dtype=torch.int64)
+        return Message({"mix/h": torch.zeros(n, *shape), "mix/y": y}, {"num_examples": n})
+
+    replies = {0: reply(5), 1: reply(9), 2: reply(5, (3, 2, 2)), 3: reply(5, y_rank=2)}
+    valid, rejected = validate_replies(state, replies, specs={c: spec for c in replies})
+    assert sorted(valid) == [0, 1]
+    assert rejected[2] == "key 'mix/h' has shape (5, 3, 2, 2); expected (any, 4, 2, 2)"
+    assert rejected[3] == "key 'mix/y' has shape (5, 1); expected (any,)"

@@ -190,6 +190,23 @@ def test_warm_start_dtype_and_prefix_rules():
         warm_start(init, bad, "src", "fedavg")
 
 
+def test_fresh_prefixes_start_from_init_only_when_the_source_has_none_of_them():
+    """An algorithm's ``fresh_prefixes`` (IS&BC's new ``backstage/`` head) keep the init's arrays when the
+    source holds nothing under them; every other array still must come from the source, and a source that
+    does hold the prefix (a run of the same algorithm) must supply all of it. Rules out a fresh prefix
+    that silently lets a missing ``model/`` array through, or ignores a source's own head."""
+    init = Message({"model/w": torch.zeros(2), "backstage/w1": torch.full((3,), 7.0)})
+    fedavg = Message({"model/w": torch.ones(2)})
+    state, _ = warm_start(init, fedavg, "src", "isbc", ("backstage/",))
+    assert state.arrays["model/w"].tolist() == [1.0, 1.0] and state.arrays["backstage/w1"].tolist() == [7.0] * 3
+    with pytest.raises(ConfigError, match="has no array 'backstage/w1'"):
+        warm_start(init, fedavg, "src", "fedavg")
+    own = Message({"model/w": torch.ones(2), "backstage/w1": torch.full((3,), 2.0)})
+    assert warm_start(init, own, "src", "isbc", ("backstage/",))[0].arrays["backstage/w1"].tolist() == [2.0] * 3
+    with pytest.raises(ConfigError, match="has no array 'model/w'"):
+        warm_start(init, Message({"other/w": torch.ones(2)}), "src", "isbc", ("backstage/",))
+
+
 # ---------------------------------------------------------------- (3) the resolved config pins the source
 
 

@@ -21,15 +21,20 @@ emoji_google_32     Emoji-Google            test (far)  ``ROOT/ood/emoji_google_
 mnist               MNIST                   test        MNIST test images (cross-dataset OOD)
 fashion_mnist       Fashion-MNIST           test        Fashion-MNIST test images (cross-dataset OOD)
 npz:PATH            file stem               either      any ``.npz`` with uint8 ``x``, read by the same reader
+classes:D:S:C1,...  D classes C1, ... (S)   S           the images of classes C1, ... of split S of data set D
 ==================  ======================  ===========  =====================================================
 
 ``photos``, ``textures`` and ``noise`` are bundled (scikit-image, no data
 root needed); ``photos`` and ``textures`` use disjoint images, so one can be
 the training pool and the other a test set. File sets are the proxies of
 ``../shared/data/ood`` (see its README; name them by what they are,
-"Textures-GIMP", not "DTD"). :func:`check_disjoint` refuses an experiment that
+"Textures-GIMP", not "DTD"). ``classes:DATASET:SPLIT:C1,C2,...`` holds out
+classes of a registered data set (IS&BC's digits setup: ID 0–5 through
+``data.id_classes``, training outliers ``classes:digits:train:6,7``, test OOD
+``classes:digits:test:8,9``). :func:`check_disjoint` refuses an experiment that
 puts one source (by *family*: ``openclipart_28`` and ``openclipart_32`` are
-the same pictures) on both the training and the test side.
+the same pictures; ``classes:`` sources of one data set by class) on both the
+training and the test side, or an ID class on either.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fedtrust.data import readers
+from fedtrust.data.class_subsets import class_images
 from fedtrust.errors import ConfigError, DataError
 from fedtrust.registry import get, names, register
 
@@ -59,6 +65,8 @@ PHOTOS = ("astronaut", "camera", "chelsea", "clock", "coffee", "coins", "hubble_
 TEXTURES = ("brick", "grass", "gravel")
 CROP_FRACTION = (1 / 16, 1 / 2)  # crop side as a fraction of the photo's shorter side
 NPZ_PREFIX = "npz:"
+CLASSES_PREFIX = "classes:"
+CLASSES_FORM = "classes:DATASET:SPLIT:C1,C2,... (e.g. classes:digits:train:6,7)"
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,7 @@ class OutlierSource:
         family: what :func:`check_disjoint` compares; variants of the same pictures share it.
         role: the side it is meant for: "train" (outlier pool), "test" or "either".
         sampler: ``(shape, n, seed, root) -> uint8 (n, C, H, W)``.
+        classes: the classes of data set ``family`` it holds (``classes:`` sources); None: all of the family.
     """
 
     name: str
@@ -78,6 +87,16 @@ class OutlierSource:
     family: str
     role: str
     sampler: Sampler
+    classes: tuple[int, ...] | None = None
+
+    def overlap(self, other: "OutlierSource") -> tuple[int, ...] | None:
+        """The classes both hold (``()`` when both hold the whole family), or None when they share no image source."""
+        if self.family != other.family:
+            return None
+        if self.classes is None or other.classes is None:
+            return self.classes or other.classes or ()
+        shared = tuple(c for c in self.classes if c in other.classes)
+        return shared or None
 
     def load(self, shape: Shape, n: int | None = None, seed: int = 0, root: str | Path | None = None) -> Tensor:
         """``n`` images resized to ``shape`` (all of a file set, or 2,000 generated, when ``n`` is None)."""
@@ -313,11 +332,51 @@ _source("mnist", "MNIST", "mnist", "test", _dataset_sampler("mnist"))
 _source("fashion_mnist", "Fashion-MNIST", "fashion_mnist", "test", _dataset_sampler("fashion_mnist"))
 
 
+def parse_classes_source(name: str) -> tuple[str, str, tuple[int, ...]]:
+    """``classes:DATASET:SPLIT:C1,C2,...`` → (DATASET, SPLIT, classes); one-line ConfigError when malformed."""
+    parts = name[len(CLASSES_PREFIX):].split(":")
+    try:
+        if len(parts) != 3 or not parts[0]:
+            raise ValueError
+        classes = tuple(int(c) for c in parts[2].split(","))
+    except ValueError:
+        raise ConfigError(f"malformed outlier source {name!r}; expected {CLASSES_FORM}") from None
+    dataset, split = parts[0], parts[1]
+    if dataset not in names("dataset"):
+        raise ConfigError(f"outlier source {name!r}: unknown data set {dataset!r}; "
+                          f"valid: {', '.join(names('dataset'))}")
+    if split not in ("train", "test"):
+        raise ConfigError(f"outlier source {name!r}: unknown split {split!r}; valid: train, test")
+    if len(set(classes)) != len(classes) or min(classes) < 0:
+        raise ConfigError(f"outlier source {name!r}: classes must be distinct integers >= 0, got {list(classes)}")
+    return dataset, split, classes
+
+
+def _classes_source(name: str) -> OutlierSource:
+    """The ``classes:`` source ``name``: its split "train" is meant as training outliers, "test" as an OOD test set."""
+    dataset, split, classes = parse_classes_source(name)
+
+    def sample(shape: Shape, n: int | None, seed: int, root: Path | None) -> Tensor:
+        from fedtrust.data.datasets import load_dataset
+
+        data = load_dataset(dataset, root)
+        if max(classes) >= data.num_classes:
+            raise ConfigError(f"outlier source {name!r}: class {max(classes)} is out of range for {dataset}; "
+                              f"valid: 0..{data.num_classes - 1}")
+        return fit_to_shape(_pick(class_images(data, split, classes), n, seed, name), shape)
+
+    display = f"{dataset} classes {', '.join(map(str, classes))} ({split})"
+    return OutlierSource(name, display, dataset, split, sample, classes)
+
+
 # ---------------------------------------------------------------- public API
 
 
 def get_source(name: str) -> OutlierSource:
-    """The source ``name``: a registered one, or ``npz:PATH`` for any image ``.npz`` of your own."""
+    """The source ``name``: a registered one, ``npz:PATH`` for any image ``.npz`` of your own, or
+    ``classes:DATASET:SPLIT:C1,C2,...`` for held-out classes of a registered data set."""
+    if name.startswith(CLASSES_PREFIX):
+        return _classes_source(name)
     if name.startswith(NPZ_PREFIX):
         path = Path(name[len(NPZ_PREFIX):]).expanduser()
 
@@ -349,22 +408,52 @@ def source_names(role: str | None = None) -> list[str]:
     return [n for n in names("outliers") if role is None or get("outliers", n).role in (role, "either")]
 
 
-def check_disjoint(train_sources: Iterable[str], test_sources: Iterable[str], id_dataset: str | None = None) -> None:
+def check_disjoint(train_sources: Iterable[str], test_sources: Iterable[str], id_dataset: str | None = None,
+                   id_classes: Sequence[int] | None = None) -> None:
     """Refuse one source on both sides of an experiment (spec: "never the same source on both sides").
 
     Sources are compared by family, so ``openclipart_28`` for training and
-    ``openclipart_32`` for testing is refused too. With ``id_dataset`` set, a
-    test source that *is* the ID data set (e.g. ``mnist`` vs ID ``mnist``) is refused.
+    ``openclipart_32`` for testing is refused too; two ``classes:`` sources of
+    one data set are refused only when they share a class (the server would
+    have seen the test OOD). With ``id_dataset`` set, a source that holds ID
+    images is refused: a test source that *is* the ID data set (e.g. ``mnist``
+    vs ID ``mnist``), and a ``classes:`` source on either side whose classes
+    are ID, i.e. in ``id_classes`` (every class when ``id_classes`` is None).
 
     Raises:
-        ConfigError: one line naming the shared source.
+        ConfigError: one line naming the shared source or classes.
     """
-    train = {get_source(n).family: n for n in train_sources}
-    for name in test_sources:
-        family = get_source(name).family
-        if family in train:
-            raise ConfigError(
-                f"outlier source {train[family]!r} (training) and OOD test set {name!r} are the same source "
-                f"({get_source(name).display}); use disjoint sources")
-        if id_dataset is not None and family == id_dataset:
-            raise ConfigError(f"OOD test set {name!r} is the ID data set {id_dataset!r}")
+    train = [get_source(n) for n in train_sources]
+    test = [get_source(n) for n in test_sources]
+    for t in test:
+        for s in train:
+            shared = s.overlap(t)
+            if shared:
+                raise ConfigError(
+                    f"outlier source {s.name!r} (training) and OOD test set {t.name!r} share "
+                    f"{_classes_text(shared)} of {t.family}; the server must never see the test OOD, "
+                    f"use disjoint classes")
+            if shared is not None:
+                raise ConfigError(
+                    f"outlier source {s.name!r} (training) and OOD test set {t.name!r} are the same source "
+                    f"({t.display}); use disjoint sources")
+    if id_dataset is None:
+        return
+    for side, sources in (("outlier source", train), ("OOD test set", test)):
+        for source in sources:
+            if source.family != id_dataset or (source.classes is None and side == "outlier source"):
+                continue
+            if source.classes is None:
+                raise ConfigError(f"OOD test set {source.name!r} is the ID data set {id_dataset!r}")
+            if id_classes is None:
+                raise ConfigError(f"{side} {source.name!r} holds ID images: data.id_classes is null, so every "
+                                  f"class of {id_dataset} is ID; set data.id_classes to hold classes out")
+            shared = [c for c in source.classes if c in id_classes]
+            if shared:
+                raise ConfigError(f"{side} {source.name!r} holds ID {_classes_text(shared)} (data.id_classes="
+                                  f"{list(id_classes)}); use classes outside data.id_classes")
+
+
+def _classes_text(classes: Sequence[int]) -> str:
+    """The words for ``classes`` in a message: "class 6", "classes 6, 7"."""
+    return f"class{'es' if len(classes) > 1 else ''} {', '.join(map(str, classes))}"

@@ -60,6 +60,13 @@ class Algorithm:
     parameters the patterns select). Not inherited: a subclass that trains other parameter sets says so
     itself (:meth:`supports`)."""
 
+    needs_init_from: ClassVar[bool] = False
+    """True for a second stage that only makes sense from another run's weights (IS&BC's step 2): a fresh
+    run without ``init_from`` is refused."""
+    fresh_prefixes: ClassVar[tuple[str, ...]] = ()
+    """Server-state prefixes that start from ``init()`` under ``init_from`` when the source has none of
+    them (a new head the first stage never had); every other array must come from the source."""
+
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -32,7 +32,8 @@ from fedtrust.fl.types import Message
 
 Signature = tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
 ReplySpec = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
-"""The entries a reply must hold: key → (shape, dtype)."""
+"""The entries a reply must hold: key → (shape, dtype); a −1 in a shape matches any size (a client's own
+sample count, IS&BC's features)."""
 
 
 def _signature(reply: Message) -> Signature:
@@ -59,8 +60,9 @@ def _shape_problem(reply: Message, reference: Mapping[str, tuple[tuple[int, ...]
         own = state.arrays.get(k)
         if own is not None:
             shape, dtype = tuple(own.shape), own.dtype
-        if tuple(v.shape) != shape:
-            return f"key {k!r} has shape {tuple(v.shape)}; expected {shape}"
+        if len(v.shape) != len(shape) or any(want not in (-1, got) for want, got in zip(shape, v.shape)):
+            want = "(" + ", ".join("any" if d == -1 else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+            return f"key {k!r} has shape {tuple(v.shape)}; expected {want}"
         if v.dtype != dtype:
             return f"key {k!r} has dtype {v.dtype}; expected {dtype}"
     return None

@@ -6,7 +6,10 @@ A model (DESIGN principle 3, STYLE "What fedtrust should do" 5, after timm's
 - ``features(x) -> z`` of shape ``(B, num_features)``: the representation fed
   to the classifier (what FedLoGe's heads, RNA's RN score ||z||, IS&BC's
   backstage classifier and feature-level objectives read);
-- ``head``: one ``nn.Linear(num_features, num_classes)``, so ``logits = head(z)``.
+- ``head``: one ``nn.Linear(num_features, num_classes)``, so ``logits = head(z)``;
+- optionally ``stages()``: the body as named stages in order, so that running
+  them all and average-pooling gives ``features(x)``; a stage name is a split
+  point (IS&BC runs the front on clients and the back on the server).
 
 Code that needs features or the head uses only these names and ignores the
 family. Models take no seed: they are initialised from the caller's global
@@ -17,6 +20,7 @@ in-place, which keeps the models usable under ``torch.func`` transforms.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +29,16 @@ from fedtrust.errors import ConfigError
 from fedtrust.models.norms import NormFactory
 
 Shape = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a model's body: its name (a split point), the attribute names of the modules whose
+    parameters and buffers it owns, and the function from its input to its output feature map."""
+
+    name: str
+    modules: tuple[str, ...]
+    forward: Callable[[Tensor], Tensor]
 
 
 class FedModel(nn.Module):
@@ -68,6 +82,14 @@ class FedModel(nn.Module):
     def reset_head(self, num_classes: int) -> None:
         """Replace ``head`` with a freshly initialised ``Linear(num_features, num_classes)``."""
         self.head = nn.Linear(self.num_features, num_classes)
+
+    default_split: str | None = None
+    """The split point IS&BC uses when none is configured (None: the model has no stages)."""
+
+    def stages(self) -> list[Stage]:
+        """The body as named stages: ``features(x) == global_avg_pool(s_n(... s_1(x)))``."""
+        raise ConfigError(f"model {type(self).__name__} has no split points (stages); "
+                          "models with them: cnn, resnet18, resnet34, wrn, wrn40_2")
 
 
 # ---------------------------------------------------------------- validation

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fedtrust.models.base import ConvNormReLU, FedModel, Shape, check_in_shape, check_int, global_avg_pool
+from fedtrust.models.base import ConvNormReLU, FedModel, Shape, Stage, check_in_shape, check_int, global_avg_pool
 from fedtrust.models.norms import NormFactory
 from fedtrust.registry import register
 
@@ -65,8 +65,16 @@ class SmallCNN(FedModel):
         self.num_features = 4 * width
         self.reset_head(num_classes)
 
+    default_split = "conv1"
+
     def features(self, x: Tensor) -> Tensor:
         return global_avg_pool(self.body(x))
+
+    def stages(self) -> list[Stage]:
+        """conv1, conv2, conv3 (the max-pool, where there is one, opens conv3)."""
+        b = self.body
+        return [Stage("conv1", ("body.0",), b[0]), Stage("conv2", ("body.1",), b[1]),
+                Stage("conv3", ("body.2", "body.3"), lambda h: b[3](b[2](h)))]
 
 
 class TwoConvCNN(FedModel):

@@ -21,7 +21,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from fedtrust.models.base import ConvNormReLU, FedModel, Shape, check_in_shape, conv1x1, conv3x3, global_avg_pool, make_stage
+from fedtrust.models.base import (ConvNormReLU, FedModel, Shape, Stage, check_in_shape, conv1x1, conv3x3, global_avg_pool,
+                                  make_stage)
 from fedtrust.models.norms import NormFactory
 from fedtrust.registry import register
 
@@ -75,10 +76,16 @@ class ResNet(FedModel):
         self.num_features = c_in
         self.reset_head(num_classes)
 
+    default_split = "layer2"
+    """IS&BC's split (spec fedood_isbc.md §3): front = stem, layer1, layer2; back = layer3, layer4."""
+
     def features(self, x: Tensor) -> Tensor:
         x = self.stem(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return global_avg_pool(x)
+
+    def stages(self) -> list[Stage]:
+        return [Stage(name, (name,), getattr(self, name)) for name in ("stem", "layer1", "layer2", "layer3", "layer4")]
 
 
 def _create_resnet(blocks: tuple[int, int, int, int], num_classes: int, in_shape: Shape, norm: str, bn_affine: bool, bn_affine_shortcut: bool | None) -> ResNet:

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from fedtrust.errors import ConfigError
-from fedtrust.models.base import FedModel, Shape, check_in_shape, check_int, conv1x1, conv3x3, global_avg_pool, make_stage
+from fedtrust.models.base import (FedModel, Shape, Stage, check_in_shape, check_int, conv1x1, conv3x3, global_avg_pool,
+                                  make_stage)
 from fedtrust.models.norms import NormFactory
 from fedtrust.registry import register
 
@@ -106,9 +107,18 @@ class WideResNet(FedModel):
                     nn.init.zeros_(m.bias)
         nn.init.zeros_(self.head.bias)
 
+    default_split = "group2"
+    """IS&BC's split (spec fedood_isbc.md §3: WRN-40-4 after block2); the back is group3 with the final BN."""
+
     def features(self, x: Tensor) -> Tensor:
         x = self.group3(self.group2(self.group1(self.stem(x))))
         return global_avg_pool(F.relu(self.bn(x)))
+
+    def stages(self) -> list[Stage]:
+        """stem, group1, group2, group3 (with the final BN-ReLU)."""
+        return [Stage("stem", ("stem",), self.stem), Stage("group1", ("group1",), self.group1),
+                Stage("group2", ("group2",), self.group2),
+                Stage("group3", ("group3", "bn"), lambda h: F.relu(self.bn(self.group3(h))))]
 
 
 @register("model", "wrn")

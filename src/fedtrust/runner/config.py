@@ -39,6 +39,8 @@ class Named(BaseModel):
 class DataConfig(Section):
     dataset: str = Field("digits", description="registered data set (`fedtrust list`)")
     root: str | None = Field(None, description="data directory for file-based sets; null: $FEDTRUST_DATA, else ./data")
+    id_classes: list[int] | None = Field(
+        None, description="keep only these classes of the data set, relabelled 0..k−1 in the order given (null: all)")
     num_clients: int = Field(20, ge=1, description="number of clients the training set is split into")
     clients_per_round: int | float = Field(
         10, description="clients sampled per round: an int is a count, a float in (0, 1] a fraction")
@@ -57,8 +59,9 @@ class DataConfig(Section):
         "dataset", description="input normalisation: dataset (its per-channel mean/std), none (x/255 only)")
     partition_seed: int | None = Field(None, description="seed of the partition (null: the run seed)")
     sampler: str = Field("uniform", description="registered client sampler (`fedtrust list sampler`)")
-    outliers: str | None = Field(None, description="training-outlier source for objectives that need outliers "
-                                                   "(`fedtrust list outliers`; `npz:PATH` for your own)")
+    outliers: str | list[str] | None = Field(
+        None, description="training-outlier source for objectives that need outliers (`fedtrust list outliers`; "
+                          "`npz:PATH` for your own); a list: the union, data.num_outliers split evenly")
     num_outliers: int = Field(5000, ge=1, description="size of the server's outlier pool")
 
     @field_validator("clients_per_round")
@@ -68,6 +71,15 @@ class DataConfig(Section):
             raise ValueError("a float is a fraction and must lie in (0, 1]; use an int for a count")
         if isinstance(v, int) and v < 1:
             raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("id_classes")
+    @classmethod
+    def _id_classes(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and len(v) < 2:
+            raise ValueError("expected at least 2 classes (or null: all)")
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("classes repeat; expected distinct classes")
         return v
 
     @field_validator("augment")
@@ -351,12 +363,14 @@ class RunConfig(Section):
     def _outliers(self) -> "RunConfig":
         from fedtrust.data.outliers import check_disjoint
 
-        if self.data.outliers is not None:
-            _outlier_source(self.data.outliers)
+        train_sources = outlier_sources(self.data.outliers)
+        for name in train_sources:
+            _outlier_source(name)
         if get("objective", self.objective.name).needs_outliers and self.data.outliers is None:
             raise ConfigError(f"objective {self.objective.name!r} needs outliers: set data.outliers "
                               f"(e.g. photos, openclipart; `fedtrust list outliers`)")
-        check_disjoint([self.data.outliers] if self.data.outliers else [], self.eval.ood, self.data.dataset)
+        check_disjoint(train_sources, self.eval.ood, self.data.dataset,
+                       self.data.id_classes)
         return self
 
     @model_validator(mode="after")
@@ -407,6 +421,13 @@ class RunConfig(Section):
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def outlier_sources(outliers: str | list[str] | None) -> list[str]:
+    """``data.outliers`` as a list of source names (empty: none)."""
+    if outliers is None:
+        return []
+    return [outliers] if isinstance(outliers, str) else list(outliers)
 
 
 def _outlier_source(name: str) -> None:

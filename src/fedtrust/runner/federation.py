@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from fedtrust.data.augment import normalize
+from fedtrust.data.class_subsets import select_classes
 from fedtrust.data.datasets import load_dataset
 from fedtrust.data.outliers import load_outliers
 from fedtrust.data.longtail import cumulative_groups, make_longtail, shot_groups
@@ -41,7 +42,7 @@ from fedtrust.metrics.accuracy import local_test_indices
 from fedtrust.models import create_model
 from fedtrust.objectives import build_objective
 from fedtrust.registry import get, names
-from fedtrust.runner.config import RunConfig
+from fedtrust.runner.config import RunConfig, outlier_sources
 
 _LOCAL_TEST_STREAM = 3
 _LONGTAIL_STREAM = 5
@@ -93,6 +94,22 @@ def partition_seed(cfg: RunConfig) -> int:
     return cfg.data.partition_seed if cfg.data.partition_seed is not None else cfg.seed
 
 
+def build_dataset(cfg: RunConfig) -> Dataset:
+    """The data set, cut to ``data.id_classes`` (relabelled 0..k−1 in that order) when set.
+
+    The cut comes first, so the long tail, partition, model, metrics and report all see k classes.
+    """
+    dataset = load_dataset(cfg.data.dataset, resolve_data_root(cfg.data.root))
+    ids = cfg.data.id_classes
+    if ids is None:
+        return dataset
+    bad = [c for c in ids if not 0 <= c < dataset.num_classes]
+    if bad:
+        raise ConfigError(f"config key 'data.id_classes': class {bad[0]} is out of range for {dataset.name}; "
+                          f"valid: 0..{dataset.num_classes - 1} (got {ids})")
+    return select_classes(dataset, ids)
+
+
 def build_longtail(cfg: RunConfig, labels: np.ndarray, num_classes: int) -> np.ndarray | None:
     """Sorted indices of the long-tailed training subset (``data.imbalance_ratio`` > 1), else None.
 
@@ -125,7 +142,7 @@ def build_normalize(kind: str, dataset: Dataset) -> Callable[[torch.Tensor], tor
 def build_federation(cfg: RunConfig) -> Federation:
     """Load data, make it long-tailed if asked, partition it, and build the algorithm and executor."""
     device = resolve_device(cfg.device)
-    dataset = load_dataset(cfg.data.dataset, resolve_data_root(cfg.data.root))
+    dataset = build_dataset(cfg)
     train = dataset.train
     keep = build_longtail(cfg, train.y.numpy(), dataset.num_classes)
     if keep is not None:
@@ -155,8 +172,11 @@ def build_federation(cfg: RunConfig) -> Federation:
                            backdoor=backdoor_test(attack, test), reject_tau=cfg.eval.reject_tau,
                            leakage_probes=cfg.eval.leakage_probes, leakage_sigma=cfg.eval.leakage_sigma)
     outliers = None
-    if cfg.data.outliers is not None:
-        outliers = load_outliers(cfg.data.outliers, dataset.shape, cfg.data.num_outliers, cfg.seed, root).to(device)
+    sources = outlier_sources(cfg.data.outliers)
+    if sources:  # a list: the union, num_outliers split evenly (the first sources take the remainder)
+        n, k = divmod(cfg.data.num_outliers, len(sources))
+        outliers = torch.cat([load_outliers(name, dataset.shape, n + (i < k), cfg.seed, root)
+                              for i, name in enumerate(sources)]).to(device)
 
     algorithm = build_algorithm(cfg, dataset, torch.as_tensor(class_counts), norm, device, outliers)
     if root_set is not None:

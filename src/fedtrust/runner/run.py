@@ -30,7 +30,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from fedtrust.errors import CheckpointError
+from fedtrust.errors import CheckpointError, ConfigError
 from fedtrust.evaluation.evaluators import backdoor_asr
 from fedtrust.fl.executor import Callback, ClientStore
 from fedtrust.fl.protocol import Message
@@ -97,13 +97,17 @@ def run(config: RunConfig | dict | str | Path | None = None, overrides: list[str
         cfg, source = read_source(cfg) if cfg.init_from is not None else (cfg, None)
 
     fed = build_federation(cfg)
+    if ckpt is None and source is None and fed.algorithm.needs_init_from:
+        raise ConfigError(f"algorithm {cfg.algorithm.name!r} is a second stage: set init_from to a finished run "
+                          f"of the first (e.g. a fedavg run directory) to start from its weights")
     fed.executor.log = console.print
     resolved = config_to_dict(cfg)
     if ckpt is None:
         torch.manual_seed(cfg.seed)
         state, store, start, offset = fed.algorithm.init(), ClientStore(), 0, 0.0
         if source is not None:  # before the run directory exists: a mismatch leaves nothing behind
-            state, ignored = warm_start(state, source.state, cfg.init_from.path, cfg.algorithm.name)
+            state, ignored = warm_start(state, source.state, cfg.init_from.path, cfg.algorithm.name,
+                                        fed.algorithm.fresh_prefixes)
             console.print(f"init_from {cfg.init_from.path}: {len(state.arrays)} arrays"
                           + (f"; ignored the source's {', '.join(ignored)}" if ignored else ""))
             cfg, fed, measured = resolve_pretrained(cfg, fed, state)

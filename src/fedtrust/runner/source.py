@@ -15,7 +15,8 @@ starts at round 1 with an empty client store. The rules:
   ``model/…`` (fedavg, fedprox, fedper, fedrep, ditto, fedrod, fedbabu,
   fedavg_ft) share weights with each other; FedLoGe (``backbone/``,
   ``sse_c/``, ``head_g/``, ``head_l_init/``) and FedETF (``model/backbone.…``)
-  only with runs of themselves.
+  only with runs of themselves. The one exception: an algorithm's ``fresh_prefixes`` (IS&BC's new
+  ``backstage/`` head) start from its init when the source holds none of their arrays.
 * a source array the new state lacks is an error (naming the first such key
   in sorted order) under a prefix the new state has (another architecture:
   ``model/extra.weight``), and ignored (and said so on the console) under a
@@ -106,10 +107,13 @@ def read_source(cfg: RunConfig) -> tuple[RunConfig, Checkpoint]:
     return build_config(tree), source
 
 
-def warm_start(init: Message, source: Message, where: str, algorithm: str) -> tuple[Message, list[str]]:
+def warm_start(init: Message, source: Message, where: str, algorithm: str,
+               fresh: tuple[str, ...] = ()) -> tuple[Message, list[str]]:
     """``init`` with every array replaced by the source's array of that name (rules: module docstring).
 
-    Returns the new state (``init``'s meta) and the source's key prefixes that were ignored.
+    ``fresh``: prefixes the algorithm starts from ``init`` when the source holds none of their arrays
+    (``Algorithm.fresh_prefixes``). Returns the new state (``init``'s meta) and the source's key prefixes
+    that were ignored.
     """
     def prefix(key: str) -> str:
         return key.split("/", 1)[0] + "/"
@@ -119,17 +123,21 @@ def warm_start(init: Message, source: Message, where: str, algorithm: str) -> tu
 
     head = f"config key 'init_from': {where!r}"
     arrays: dict[str, torch.Tensor] = {}
-    for key, fresh in init.arrays.items():
+    kept_fresh = {p for p in fresh if not any(k.startswith(p) for k in source.arrays)}
+    for key, value in init.arrays.items():
+        if key.startswith(tuple(kept_fresh)):
+            arrays[key] = value
+            continue
         if key not in source.arrays:
             raise ConfigError(f"{head} has no array {key!r} (it holds {prefixes(source.arrays)}; {algorithm} needs "
                               f"{prefixes(init.arrays)}); expected a run of an algorithm with the same server state")
         got = source.arrays[key]
-        if got.shape != fresh.shape:
-            raise ConfigError(f"{head}: array {key!r} has shape {tuple(got.shape)} there but {tuple(fresh.shape)} "
+        if got.shape != value.shape:
+            raise ConfigError(f"{head}: array {key!r} has shape {tuple(got.shape)} there but {tuple(value.shape)} "
                               f"here; expected the same model (name, width, ...)")
-        if got.dtype != fresh.dtype and not (got.is_floating_point() and fresh.is_floating_point()):
-            raise ConfigError(f"{head}: array {key!r} is {got.dtype} there but {fresh.dtype} here")
-        arrays[key] = got.to(device=fresh.device, dtype=fresh.dtype)
+        if got.dtype != value.dtype and not (got.is_floating_point() and value.is_floating_point()):
+            raise ConfigError(f"{head}: array {key!r} is {got.dtype} there but {value.dtype} here")
+        arrays[key] = got.to(device=value.device, dtype=value.dtype)
     ours = {prefix(k) for k in init.arrays}
     training_only = set()
     for key in sorted(source.arrays):
