@@ -163,3 +163,34 @@ def test_aggregate_leaves_out_malformed_replies() -> None:
     assert set(dropped) == {"1", "2", "3"} and "label" in dropped["1"] and "λ" in dropped["2"]
     assert "length" in dropped["3"] and metrics["isbc"]["id_features"] == 8
     assert isinstance(algo, ISBC) and new.arrays.keys() == state.arrays.keys()
+
+
+def test_mixes_sends_independent_copies() -> None:
+    """``mixes=3``: three copies of the client's samples, each with its own permutation and λ draw; the
+    labels y_a repeat the client's labels in each copy."""
+    algo = federation("algorithm.mixes=3", "algorithm.id_batch=1000").algorithm
+    fed = federation()
+    client = fed.data.client(1)
+    msg = algo.configure(algo.init(), 1, [1])[1]
+    reply, _ = algo.client_update(msg, client, Message(), ClientContext(1, 1, torch.Generator().manual_seed(0),
+                                                                        torch.device("cpu")))
+    n = len(client.y)
+    assert reply.meta["num_examples"] == n and len(reply.arrays["mix/h"]) == 3 * n
+    assert torch.equal(reply.arrays["mix/y_a"], client.y.repeat(3))
+    lams = reply.arrays["mix/lam"].view(3, n)
+    assert len({float(row[0]) for row in lams}) == 3 and all(len(set(row.tolist())) == 1 for row in lams)
+    partners = reply.arrays["mix/y_b"].view(3, n)
+    assert not torch.equal(partners[0], partners[1])
+
+
+def test_outlier_sources_in_a_list_are_pooled() -> None:
+    """``data.outliers`` as a list: the server's pool is the union, num_outliers split evenly (the first
+    sources take the remainder), each part the source's own seeded draw."""
+    from fedtrust.data.outliers import load_outliers
+
+    fed = federation("data.outliers=[noise,photos]", "data.num_outliers=101", "eval.ood=[textures]")
+    pool = fed.algorithm.ctx.outliers
+    shape = tuple(fed.dataset.train.x.shape[1:])
+    assert len(pool) == 101
+    assert torch.equal(pool[:51], load_outliers("noise", shape, 51, 0))
+    assert torch.equal(pool[51:], load_outliers("photos", shape, 50, 0))

@@ -11,7 +11,8 @@ in eval mode everywhere (spec §5.2: its BN statistics never mix ID and outliers
 2. **client**: runs its ID images through the front, applies manifold mixup to the feature maps (spec §3:
    pairs of its own samples, h ← λ·h + (1 − λ)·h[π], one λ ~ Beta(α, α) per batch of ``id_batch``), and
    replies ``mix/h`` (n, C, H, W), ``mix/y_a``, ``mix/y_b`` and ``mix/lam``: internal features and labels,
-   never an image, a gradient or weights. Clients re-mix every round (spec §5.1's recommendation).
+   never an image, a gradient or weights. Clients re-mix every round (spec §5.1's recommendation), ``mixes``
+   independent copies each; one round of ``epochs`` epochs on ``mixes`` copies is the "upload once" variant.
 3. **aggregate**: the server runs its auxiliary outliers (``data.outliers``) through the same frozen front
    and trains the back stages plus the head for ``epochs`` epochs (batches zip ``id_batch`` mixed ID
    features with ``oe_batch`` outlier features and stop at the shorter, spec §3), on
@@ -123,6 +124,8 @@ class ISBC(Algorithm):
         lr: float = Field(1e-3, gt=0, description="server SGD learning rate")
         momentum: float = Field(0.9, ge=0, lt=1)
         weight_decay: float = Field(5e-4, ge=0)
+        mixes: int = Field(1, ge=1, description="independently mixed copies of its features a client sends per "
+                                               "round (rounds=1 with mixes=K and epochs=E: upload once)")
         id_batch: int = Field(256, ge=1, description="mixed ID features per server batch (and per client λ)")
         oe_batch: int = Field(512, ge=1, description="outlier features per server batch")
 
@@ -293,20 +296,23 @@ class ISBC(Algorithm):
         split = split_model(model, self.params.split)
         h = self._front(split, data.x)
         y = data.y.to(h.device)
+        copies = [self._mix(h, y, ctx.generator) for _ in range(self.params.mixes)]
+        arrays = {f"{MIX}/{name}": torch.cat([c[i] for c in copies]).contiguous()
+                  for i, name in enumerate(("h", "y_a", "y_b", "lam"))}
+        return Message(arrays=arrays, meta={"num_examples": len(h)}), client_state
+
+    def _mix(self, h: Tensor, y: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One mixed copy: ``(λ·h + (1 − λ)·h[π], y, y[π], λ)``, λ ~ Beta(α, α) per ``id_batch`` rows."""
         n = len(h)
-        lam = torch.ones(n, device=h.device)
-        y_b = y.clone()
-        if self.params.mixup and n > 1:
-            perm = torch.randperm(n, generator=ctx.generator).to(h.device)
-            seed = int(torch.randint(2 ** 62, (1,), generator=ctx.generator))
-            per_batch = np.random.default_rng(seed).beta(self.params.mixup_alpha, self.params.mixup_alpha,
-                                                         math.ceil(n / self.params.id_batch))
-            lam = torch.from_numpy(per_batch).float().to(h.device).repeat_interleave(self.params.id_batch)[:n]
-            h = lam.view(-1, *[1] * (h.dim() - 1)) * h + (1 - lam.view(-1, *[1] * (h.dim() - 1))) * h[perm]
-            y_b = y[perm]
-        reply = Message(arrays={f"{MIX}/h": h.float().contiguous(), f"{MIX}/y_a": y.long(), f"{MIX}/y_b": y_b.long(),
-                                f"{MIX}/lam": lam.float()}, meta={"num_examples": n})
-        return reply, client_state
+        if not self.params.mixup or n < 2:
+            return h.float(), y.long(), y.long(), torch.ones(n, device=h.device)
+        perm = torch.randperm(n, generator=generator).to(h.device)
+        seed = int(torch.randint(2 ** 62, (1,), generator=generator))
+        alpha = self.params.mixup_alpha
+        per_batch = np.random.default_rng(seed).beta(alpha, alpha, math.ceil(n / self.params.id_batch))
+        lam = torch.from_numpy(per_batch).float().to(h.device).repeat_interleave(self.params.id_batch)[:n]
+        shape = (-1, *[1] * (h.dim() - 1))
+        return (lam.view(shape) * h + (1 - lam.view(shape)) * h[perm]).float(), y.long(), y[perm].long(), lam
 
 
 def outlier_exposure(z: Tensor) -> Tensor:
