@@ -93,9 +93,13 @@ def test_fedprox_with_mu_zero_is_fedavg():
         assert torch.allclose(a.arrays[k].float(), p.arrays[k].float(), atol=1e-6), k
 
 
+NEEDS = {"isbc": ["data.outliers=noise", "data.num_outliers=64", "algorithm.hidden=16", "algorithm.pool=2"]}
+"""What an algorithm cannot run without (IS&BC: the server's outliers)."""
+
+
 @pytest.mark.parametrize("name", names("algorithm"))
 def test_every_algorithm_trains_one_round_on_digits(name):
-    fed = federation(f"algorithm.name={name}")
+    fed = federation(f"algorithm.name={name}", *NEEDS.get(name, []))
     torch.manual_seed(0)
     state = fed.algorithm.init()
     replies, new = run_round(fed, state, [0, 1])

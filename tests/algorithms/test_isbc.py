@@ -194,3 +194,21 @@ def test_outlier_sources_in_a_list_are_pooled() -> None:
     assert len(pool) == 101
     assert torch.equal(pool[:51], load_outliers("noise", shape, 51, 0))
     assert torch.equal(pool[51:], load_outliers("photos", shape, 50, 0))
+
+
+def test_max_samples_sends_a_fresh_subset_each_round() -> None:
+    """``max_samples=10``: 10 rows, unmixed they are the front features of 10 distinct samples of the client,
+    and another round's generator picks another subset."""
+    algo = federation("algorithm.max_samples=10", "algorithm.mixup=false").algorithm
+    client = federation().data.client(2)
+    msg = algo.configure(algo.init(), 1, [2])[2]
+    picks = []
+    for seed in (1, 2):
+        reply, _ = algo.client_update(msg, client, Message(), ClientContext(2, seed, torch.Generator().manual_seed(seed),
+                                                                            torch.device("cpu")))
+        assert len(reply.arrays["mix/h"]) == 10 and reply.meta["num_examples"] == 10
+        full = algo._front(split_model(algo.template), client.x)
+        rows = [next(i for i in range(len(full)) if torch.equal(full[i], r)) for r in reply.arrays["mix/h"]]
+        assert len(set(rows)) == 10 and torch.equal(reply.arrays["mix/y_a"], client.y[rows])
+        picks.append(set(rows))
+    assert picks[0] != picks[1]

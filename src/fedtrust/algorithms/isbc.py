@@ -12,7 +12,8 @@ in eval mode everywhere (spec §5.2: its BN statistics never mix ID and outliers
    pairs of its own samples, h ← λ·h + (1 − λ)·h[π], one λ ~ Beta(α, α) per batch of ``id_batch``), and
    replies ``mix/h`` (n, C, H, W), ``mix/y_a``, ``mix/y_b`` and ``mix/lam``: internal features and labels,
    never an image, a gradient or weights. Clients re-mix every round (spec §5.1's recommendation), ``mixes``
-   independent copies each; one round of ``epochs`` epochs on ``mixes`` copies is the "upload once" variant.
+   independent copies each, of at most ``max_samples`` of its samples (a fresh random subset each round); one
+   round of ``epochs`` epochs on ``mixes`` copies is the "upload once" variant.
 3. **aggregate**: the server runs its auxiliary outliers (``data.outliers``) through the same frozen front
    and trains the back stages plus the head for ``epochs`` epochs (batches zip ``id_batch`` mixed ID
    features with ``oe_batch`` outlier features and stop at the shorter, spec §3), on
@@ -126,6 +127,8 @@ class ISBC(Algorithm):
         weight_decay: float = Field(5e-4, ge=0)
         mixes: int = Field(1, ge=1, description="independently mixed copies of its features a client sends per "
                                                "round (rounds=1 with mixes=K and epochs=E: upload once)")
+        max_samples: int | None = Field(None, ge=2, description="at most this many of its samples a client "
+                                        "mixes and sends per round, a fresh random subset each round (null: all)")
         id_batch: int = Field(256, ge=1, description="mixed ID features per server batch (and per client λ)")
         oe_batch: int = Field(512, ge=1, description="outlier features per server batch")
 
@@ -294,8 +297,13 @@ class ISBC(Algorithm):
         model = self.template
         model.load_state_dict(message.prefixed("model"), strict=False)
         split = split_model(model, self.params.split)
-        h = self._front(split, data.x)
-        y = data.y.to(h.device)
+        x, y = data.x, data.y
+        cap = self.params.max_samples
+        if cap is not None and len(x) > cap:  # a fresh random subset each round (bounds upload and memory)
+            keep = torch.randperm(len(x), generator=ctx.generator)[:cap].sort().values.to(x.device)
+            x, y = x[keep], y[keep]
+        h = self._front(split, x)
+        y = y.to(h.device)
         copies = [self._mix(h, y, ctx.generator) for _ in range(self.params.mixes)]
         arrays = {f"{MIX}/{name}": torch.cat([c[i] for c in copies]).contiguous()
                   for i, name in enumerate(("h", "y_a", "y_b", "lam"))}
