@@ -90,7 +90,7 @@ def test_evaluator_probes_the_first_sample_of_each_class(make_net) -> None:
     assert out["i2f_lb"] == pytest.approx(sum(values) / 3)
     assert out["i2f_lb_min"] == min(values)
     assert out["lambda_max"] == pytest.approx(sum(p["lambda_max"] for p in out["probes"]) / 3)
-    assert out["sigma"] == 1e-3 and isinstance(out["seconds"], float)
+    assert out["sigma"] == 1e-3
     direct = probe_risk(model, setup.normalize(setup.test.x[want_idx]), setup.test.y[want_idx], 1e-3,
                         indices=want_idx)
     assert values == pytest.approx([r.i2f_lb for r in direct], rel=1e-9)

@@ -77,7 +77,6 @@ def test_audit_writes_json_table_and_reconstructions(plain_run: Path, tmp_path: 
     data = json.loads((folder / "audit.json").read_text())
     assert data["round"] == 1 and len(data["rows"]) == 3
     assert data["settings"]["sigmas"] == [1e-4, 1e-1]
-    assert all(isinstance(data["cost"][k], float) for k in ("i2f_seconds_mean", "attack_seconds_mean"))
     table = (folder / "audit.md").read_text().splitlines()
     assert sum(line.startswith("| 0 |") for line in table) == 3
     with np.load(folder / "reconstructions.npz") as npz:
