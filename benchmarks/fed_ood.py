@@ -20,6 +20,11 @@ Digits setup (spec fedood_isbc.md §6, ``configs/isbc-digits.yaml``): ID = digit
 - **FedOE**: FedAvg with the OE objective, each round's clients getting an equal share of the outlier pool
   (they receive outlier images);
 - **FedAvg + RNA** (variant A: outliers shipped to the clients, spec rna.md §8) scored by RN;
+- **federated RNA, variant B** (``algorithm.name=rna_moments``: the outliers stay on the server, which sends
+  every BN layer's OOD moments; clients train LA + RNA on ID-only batches normalised by the mixture moments)
+  scored by RN;
+- **FedLoGe + RNA** (FedLoGe with the RNA objective, variant A's outlier shares) scored by RN on its first
+  predictor (the SSE-C "universal" model);
 - **IS&BC** (step 2 from each seed's FedAvg run, 5 rounds, ``configs/isbc-digits.yaml``) and its ablations:
   β = 0 (no outliers), without mixup, back-layer OE without the concat head (``head=plain``), head-only OE
   (``train=head``).
@@ -27,8 +32,8 @@ Digits setup (spec fedood_isbc.md §6, ``configs/isbc-digits.yaml``): ID = digit
 Reported per method: ID accuracy, and per OOD set AUROC, AUPR-in, AUPR-out, FPR95 (OOD recall, the RNA
 repository's convention) and FPR95 (ID recall), mean ± std over seeds in %; and the bytes a client sends
 and receives per round (weights for the FedAvg family, plus its outlier share for FedOE and RNA; the front
-down and the mixed features up for IS&BC). Federated RNA variant B (BN moments of the server's outliers
-instead of images) is not built yet. Results: ``benchmarks/results/fed_ood.md``.
+down and the mixed features up for IS&BC; the weights plus the OOD BN moments down for RNA variant B).
+Results: ``benchmarks/results/fed_ood.md``.
 """
 
 from __future__ import annotations
@@ -98,6 +103,9 @@ class Method:
     run: str = ""
     """Another method's runs this one reads (post-hoc scores of the FedAvg run)."""
     outliers: bool = False
+    """The run needs ``data.outliers`` (the server's pool)."""
+    share: bool = True
+    """With ``outliers``: clients download a share of the pool (False: it stays on the server, RNA variant B)."""
 
 
 METHODS = {
@@ -109,6 +117,12 @@ METHODS = {
     "fedoe": Method("FedOE (clients get outliers)", ("objective.name=oe",), outliers=True),
     "rna": Method("FedAvg + RNA (variant A) + RN", ("objective.name=rna", "eval.scores=[rn,msp]"), "rn",
                   outliers=True),
+    "rna_b": Method("federated RNA (variant B: OOD BN moments) + RN",
+                    ("algorithm.name=rna_moments", "objective.name=rna_no_outliers", "eval.scores=[rn,msp]"), "rn",
+                    outliers=True, share=False),
+    "fedloge_rna": Method("FedLoGe + RNA (variant A) + RN",
+                          ("algorithm.name=fedloge", "objective.name=rna", "eval.scores=[rn,msp]"), "rn",
+                          outliers=True),
     "isbc": Method("IS&BC", step2=True),
     "isbc_beta0": Method("IS&BC, β = 0", ("algorithm.beta=0",), step2=True),
     "isbc_nomix": Method("IS&BC without mixup", ("algorithm.mixup=false",), step2=True),
@@ -141,6 +155,10 @@ def jobs_for(s: Setting, seeds: list[int], work: Path) -> dict[tuple[str, int], 
     return jobs
 
 
+SENT = ("server/model/", "server/backbone/", "server/head_g/", "server/sse_c/")
+"""Server-state arrays a client of the FedAvg family downloads and uploads (FedLoGe: backbone and heads)."""
+
+
 def bytes_per_round(job: Job, share: int) -> tuple[float, float]:
     """(up, down) bytes per client per round of a finished run; ``share``: the outlier bytes it downloads."""
     records = [json.loads(line) for line in (job.out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -149,8 +167,9 @@ def bytes_per_round(job: Job, share: int) -> tuple[float, float]:
     from safetensors import safe_open
 
     with safe_open(str(job.out / "checkpoint.safetensors"), "pt") as f:
-        model = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("server/model/")) * 4
-    return model, model + share
+        model = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith(SENT)) * 4
+    moments = records[-1].get("rna_moments", {}).get("moment_bytes", 0)
+    return model, model + share + moments
 
 
 def _numel(shape: list[int]) -> int:
@@ -166,7 +185,8 @@ def tables(s: Setting, jobs: dict[tuple[str, int], Job], seeds: list[int]) -> li
     for name, m in METHODS.items():
         runs = [jobs[m.run or name, seed] for seed in seeds]
         finals = [r.summary() for r in runs]
-        share = s.outlier_bytes // clients if METHODS[m.run or name].outliers else 0
+        source = METHODS[m.run or name]
+        share = s.outlier_bytes // clients if source.outliers and source.share else 0
         up, down = bytes_per_round(runs[0], share)
         rows.append([m.title, mean_std([f["test_acc"] for f in finals]),
                      mean_std([sum(f["ood"][f"{o}/{m.score}"]["auroc"] for o in s.ood) / len(s.ood) for f in finals]),

@@ -28,11 +28,14 @@ _REGISTRIES: dict[str, dict[str, Any]] = {}
 # so `import fedtrust` stays cheap.
 _PROVIDERS: tuple[str, ...] = (
     "fedtrust.data.datasets",
+    "fedtrust.data.domains",
+    "fedtrust.data.fedbn",
     "fedtrust.data.partition",
     "fedtrust.models",
     "fedtrust.algorithms",
     "fedtrust.objectives",
     "fedtrust.objectives.ood",
+    "fedtrust.objectives.adversarial",
     "fedtrust.ood.scores",
     "fedtrust.data.outliers",
     "fedtrust.robust.aggregators",

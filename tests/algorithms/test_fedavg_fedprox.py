@@ -93,8 +93,9 @@ def test_fedprox_with_mu_zero_is_fedavg():
         assert torch.allclose(a.arrays[k].float(), p.arrays[k].float(), atol=1e-6), k
 
 
-NEEDS = {"isbc": ["data.outliers=noise", "data.num_outliers=64", "algorithm.hidden=16", "algorithm.pool=2"]}
-"""What an algorithm cannot run without (IS&BC: the server's outliers)."""
+NEEDS = {"isbc": ["data.outliers=noise", "data.num_outliers=64", "algorithm.hidden=16", "algorithm.pool=2"],
+         "rna_moments": ["data.outliers=noise", "data.num_outliers=64", "objective.name=rna_no_outliers"]}
+"""What an algorithm cannot run without (IS&BC, RNA variant B: the server's outliers)."""
 
 
 @pytest.mark.parametrize("name", names("algorithm"))

@@ -41,7 +41,7 @@ def _one_line_config_error(excinfo: pytest.ExceptionInfo[ConfigError]) -> str:
 
 
 def test_registry_has_the_families() -> None:
-    assert {"cnn", "cnn2", "lenet", "resnet18", "resnet34", "wrn", "wrn40_2"} <= set(MODELS)
+    assert {"cnn", "cnn2", "lenet", "resnet18", "resnet34", "wrn", "wrn40_2", "digitnet", "preresnet18"} <= set(MODELS)
 
 
 @pytest.mark.parametrize("in_shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -226,6 +226,15 @@ def test_unknown_option(name: str) -> None:
         ("wrn", {"dropout": 1.5}, "dropout"),
         ("wrn40_2", {"depth": 16}, "depth"),
         ("cnn2", {"hidden": -1}, "hidden"),
+        ("cnn", {"width_ratio": 0}, "width_ratio"),
+        ("digitnet", {"width_ratio": 1.5}, "width_ratio"),
+        ("preresnet18", {"width_ratio": -0.25}, "width_ratio"),
+        ("digitnet", {"width_ratio": True}, "width_ratio"),
+        ("digitnet", {"norm": "gn"}, "norm"),
+        ("preresnet18", {"norm": "layernorm"}, "norm"),
+        ("digitnet", {"rescale_init": "yes"}, "rescale_init"),
+        ("preresnet18", {"rescale_layer": 1}, "rescale_layer"),
+        ("cnn", {"width_ratio": 0.5, "rescale_layer": True}, "rescale_layer"),  # tracked BN (spec §2)
     ],
 )
 def test_bad_option_value(name: str, kwargs: dict[str, object], needle: str) -> None:
@@ -252,7 +261,8 @@ def test_bad_num_classes(num_classes: object) -> None:
 
 
 @pytest.mark.parametrize(("name", "min_hw"), [("resnet18", 8), ("wrn", 8), ("cnn", 4), ("cnn2", 4), ("lenet", 16),
-                                                ("convnet5", 4), ("sigmoid_mlp", 4)])
+                                                ("convnet5", 4), ("sigmoid_mlp", 4), ("digitnet", 4),
+                                                ("preresnet18", 8)])
 def test_smallest_input(name: str, min_hw: int) -> None:
     _build(name, (2, min_hw, min_hw))
     with pytest.raises(ConfigError) as excinfo:

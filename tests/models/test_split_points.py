@@ -14,7 +14,9 @@ from fedtrust.models import create_model
 from fedtrust.models.split import split_model
 
 MODELS = [("cnn", (1, 8, 8), {}), ("cnn", (3, 32, 32), {"width": 8}), ("resnet18", (3, 32, 32), {}),
-          ("wrn", (3, 32, 32), {"depth": 10, "widen_factor": 1})]
+          ("wrn", (3, 32, 32), {"depth": 10, "widen_factor": 1}),
+          ("preresnet18", (3, 16, 16), {"width_ratio": 0.25}),
+          ("preresnet18", (3, 16, 16), {"width_ratio": 0.25, "norm": "bn_static", "rescale_layer": True})]
 
 
 @pytest.mark.parametrize("name, shape, options", MODELS)
@@ -59,12 +61,14 @@ def test_default_splits_follow_the_spec() -> None:
     assert [s.name for s in split_model(create_model("resnet18", 10, (3, 32, 32))).back_stages] == ["layer3", "layer4"]
     assert split_model(create_model("wrn", 10, (3, 32, 32), depth=10, widen_factor=1)).at == "group2"
     assert split_model(create_model("cnn", 10, (1, 8, 8))).at == "conv1"
+    assert split_model(create_model("preresnet18", 10, (3, 32, 32), width_ratio=0.125)).at == "layer2"
 
 
 @pytest.mark.parametrize("model, at, match", [
     (("cnn", 10, (1, 8, 8)), "conv3", "before its last; expected one of conv1, conv2"),
     (("cnn", 10, (1, 8, 8)), "layer9", "is not a stage"),
     (("cnn2", 10, (1, 28, 28)), None, "has no split points"),
+    (("digitnet", 10, (1, 28, 28)), None, "has no split points"),
 ])
 def test_bad_split_points_are_one_line_errors(model, at, match: str) -> None:
     with pytest.raises(ConfigError, match=match):

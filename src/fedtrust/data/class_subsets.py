@@ -8,6 +8,7 @@ images of held-out classes (the ``classes:`` outlier source).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -32,14 +33,15 @@ def check_classes(classes: Sequence[int], num_classes: int, what: str) -> None:
 def select_image_classes(images: ImageSet, classes: Sequence[int], what: str = "classes") -> ImageSet:
     """The images of ``classes``, in their original order, relabelled to their position in ``classes``.
 
-    Label ``classes[j]`` becomes ``j``; the result has ``len(classes)`` classes.
+    Label ``classes[j]`` becomes ``j``; the result has ``len(classes)`` classes. Domain ids, if any, are kept.
     """
     check_classes(classes, images.num_classes, what)
     relabel = torch.full((images.num_classes,), -1, dtype=torch.long, device=images.y.device)
     relabel[torch.as_tensor(list(classes), dtype=torch.long, device=images.y.device)] = torch.arange(
         len(classes), device=images.y.device)
     index = torch.nonzero(relabel[images.y] >= 0).squeeze(1)
-    return ImageSet(images.x[index], relabel[images.y[index]], len(classes))
+    kept = images.subset(index)  # keeps the domain ids of a multi-domain set
+    return dataclasses.replace(kept, y=relabel[kept.y], num_classes=len(classes))
 
 
 def select_classes(dataset: Dataset, classes: Sequence[int]) -> Dataset:

@@ -22,15 +22,22 @@ Fashion-MNIST and CIFAR-10. A missing set raises a one-line ``DataError``
 naming every path looked at and how to get the data; a malformed or empty
 file, or labels outside the set's classes, one naming the file and what is
 expected (:func:`load_npz` lists the rules).
+
+Multi-domain sets register elsewhere: ``digits_domains``, ``mnist_domains`` and
+``fashion_mnist_domains`` in :mod:`fedtrust.data.domains`, ``fedbn_digits`` and
+``domainnet`` in :mod:`fedtrust.data.fedbn`. A loader's keyword options besides
+``root`` (:func:`dataset_params`) come from ``data.dataset_params``.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,16 +45,30 @@ import torch
 from fedtrust.data import readers
 from fedtrust.data.readers import Arrays
 from fedtrust.data.types import Dataset, ImageSet
-from fedtrust.errors import DataError
+from fedtrust.errors import ConfigError, DataError
 from fedtrust.registry import get, register
 
 DIGITS_TEST_SIZE = 360  # 20 % of 1,797, stratified, fixed split (seed 0) independent of the run seed
 
 
-def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
-    """Load a registered data set by name; ``root`` is the data directory for file-based sets."""
+def load_dataset(name: str, root: str | Path | None = None, **params: Any) -> Dataset:
+    """Load a registered data set by name; ``root`` is the data directory for file-based sets.
+
+    ``params`` are the loader's own options (``data.dataset_params``, e.g. ``image_size`` of ``domainnet``);
+    one it does not take is a one-line ConfigError listing those it does.
+    """
     loader = get("dataset", name)
-    return loader(Path(root) if root is not None else None)
+    unknown = sorted(set(params) - set(dataset_params(name)))
+    if unknown:
+        valid = ", ".join(dataset_params(name)) or "none"
+        raise ConfigError(f"unknown config key 'data.dataset_params.{unknown[0]}' for data set {name!r}; valid: {valid}")
+    return loader(Path(root) if root is not None else None, **params)
+
+
+def dataset_params(name: str) -> dict[str, Any]:
+    """The options a registered data set's loader takes besides ``root``, with their defaults."""
+    sig = inspect.signature(get("dataset", name))
+    return {p.name: p.default for p in sig.parameters.values() if p.name != "root"}
 
 
 @register("dataset", "digits")

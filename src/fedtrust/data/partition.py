@@ -247,6 +247,54 @@ def shards(
     return _parts_from_owner(owner, num_clients)
 
 
+# --------------------------------------------------------------------------- domains
+
+
+@register("partitioner", "domains")
+def by_domain(labels: np.ndarray, num_clients: int, rng: np.random.Generator,
+              domain_ids: np.ndarray | None = None) -> list[np.ndarray]:
+    """Each domain to a contiguous block of clients, split IID within it (Split-Mix spec §1, domain-major order).
+
+    With D domains and N clients (N a multiple of D), domain d's samples go to
+    clients d·N/D .. (d+1)·N/D − 1: a random permutation of them cut into
+    near-equal parts (sizes differ by at most 1), as ``iid`` does. Client 0 is
+    domain 0's first client, so ``blocks`` budgets give the narrowest width to
+    the first domains, as in the paper. ``domain_ids`` (one per sample, ids
+    0..D−1) is passed by the runner from the data set; D = its largest id + 1.
+
+    Raises:
+        ConfigError: no domain ids (a data set without domains) or N not a multiple of D.
+        DataError: a domain with fewer samples than its clients.
+    """
+    labels = _check_inputs(labels, num_clients)
+    if domain_ids is None:
+        raise ConfigError("partitioner 'domains' needs a data set with domains (digits_domains, mnist_domains, "
+                          "fashion_mnist_domains, fedbn_digits, domainnet)")
+    domain_ids = np.asarray(domain_ids, dtype=np.int64)
+    if domain_ids.shape != labels.shape:
+        raise DataError(f"domains partition: {len(domain_ids)} domain ids for {len(labels)} samples")
+    num_domains = int(domain_ids.max()) + 1 if domain_ids.size else 1
+    if num_clients % num_domains:
+        raise ConfigError(f"config key 'data.num_clients': partition 'domains' gives each of the {num_domains} "
+                          f"domains an equal block of clients, so num_clients must be a multiple of {num_domains}, "
+                          f"got {num_clients}")
+    per = num_clients // num_domains
+    owner = np.empty(len(labels), dtype=np.int64)
+    for d in range(num_domains):
+        idx = np.flatnonzero(domain_ids == d)
+        if len(idx) < per:
+            raise DataError(f"domains partition: domain {d} has {len(idx)} samples for its {per} clients; "
+                            f"expected at least one per client")
+        for j, part in enumerate(np.array_split(rng.permutation(idx), per)):
+            owner[part] = d * per + j
+    return _parts_from_owner(owner, num_clients)
+
+
+def domain_histogram(parts: Sequence[np.ndarray], domain_ids: np.ndarray, num_domains: int) -> np.ndarray:
+    """Per-client domain counts, an int64 array of shape ``(num_clients, num_domains)``."""
+    return label_histogram(parts, domain_ids, num_domains)
+
+
 # --------------------------------------------------------------------------- entry point
 
 

@@ -14,12 +14,16 @@ ood           ``ood`` (AUROC, AUPR-in/out, FPR95 per OOD set and score), ``featu
               ``activation_ratio``
 backdoor      ``asr``; with τ > 0 also ``asr_tau``, ``acc_tau`` and ``rejected`` (clean,    a ``backdoor``
               backdoor) under FLIP's rejection (spec flip.md §3, §4)                       attack
+domain_acc    ``domain_acc``: accuracy per domain name of a multi-domain set               domains
 leakage       ``leakage``: the I2F lower bound I_lb = ‖Jδ‖/λmax(JJᵀ) of a few fixed test        —
               probes (δ = σ·ξ, σ = ``eval.leakage_sigma``; spec i2f.md §1): mean, min, per
               probe, and the seconds it took (:mod:`fedtrust.privacy.probe`)
+robust_acc    ``robust``: clean and PGD accuracy per dual-BN mix μ (``mu``, ``clean_acc``,        —
+              ``robust_acc`` lists; one entry, μ null, without dual BN; spec splitmix.md §4),
+              attack settings ``eval.robust``
 ============  ===========================================================================  =================
 
-The next systems add theirs here (robust accuracy, per-width accuracy).
+The next systems add theirs here (per-width accuracy).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedtrust.adversarial.robust import robust_accuracy
+from fedtrust.errors import ConfigError
 from fedtrust.evaluation.setup import EvalScores, EvalSetup
 from fedtrust.evaluation.predict import predict_logits
 from fedtrust.metrics.accuracy import group_accuracy, per_class_accuracy
@@ -48,6 +54,9 @@ class Evaluator:
     name: ClassVar[str] = "base"
     per_client: ClassVar[bool] = False
     """True when the evaluator also scores each client on its local test set (personalized evaluation)."""
+
+    def check(self, setup: EvalSetup) -> None:
+        """Raise a one-line ConfigError if this evaluator cannot measure ``setup`` (called once, before round 1)."""
 
     def test_metrics(self, name: str, model: nn.Module, logits: Tensor, setup: EvalSetup,
                      capture: EvalScores | None) -> dict[str, Any]:
@@ -79,6 +88,35 @@ class Accuracy(Evaluator):
             "group_acc": {k: _nan_to_none(v) for k, v in group_accuracy(per_class, setup.groups).items()},
             "hmt_acc": {k: _nan_to_none(v) for k, v in group_accuracy(per_class, setup.hmt).items()},
         }
+
+
+def domain_accuracy(pred: Tensor, y: Tensor, domains: Tensor, domain_names: tuple[str, ...]) -> dict[str, float | None]:
+    """Accuracy of ``pred`` on the test samples of each domain, by domain name (None for a domain without samples)."""
+    correct = (pred == y).to(torch.float64)
+    k = len(domain_names)
+    hits = torch.zeros(k, dtype=torch.float64, device=pred.device).index_add_(0, domains, correct)
+    counts = torch.bincount(domains, minlength=k).to(torch.float64)
+    return {n: (float(hits[d] / counts[d]) if counts[d] > 0 else None) for d, n in enumerate(domain_names)}
+
+
+@register("evaluator", "domain_acc")
+class DomainAcc(Evaluator):
+    """Test accuracy per domain of a multi-domain set (``digits_domains``, ``fedbn_digits``, ``domainnet``, ...):
+    ``domain_acc`` = {domain name: accuracy}, per predictor (Split-Mix spec §6, per-domain accuracy; Fig. 6).
+    A set without domains is a one-line ConfigError before the first round."""
+
+    name = "domain_acc"
+
+    def check(self, setup: EvalSetup) -> None:
+        if setup.test.domains is None:
+            raise ConfigError("eval.metrics: domain_acc needs a data set with domains (digits_domains, "
+                              "mnist_domains, fashion_mnist_domains, fedbn_digits, domainnet)")
+
+    def test_metrics(self, name: str, model: nn.Module, logits: Tensor, setup: EvalSetup,
+                     capture: EvalScores | None) -> dict[str, Any]:
+        self.check(setup)
+        test = setup.test
+        return {"domain_acc": domain_accuracy(logits.argmax(1), test.y, test.domains, test.domain_names)}
 
 
 @register("evaluator", "calibration")
@@ -192,3 +230,23 @@ class Leakage(Evaluator):
                             "lambda_max": sum(r.lambda_max for r in risks) / len(risks),
                             "sigma": setup.leakage_sigma, "probes": [r.as_dict() for r in risks],
                             "seconds": time.perf_counter() - start}}
+
+
+@register("evaluator", "robust_acc")
+class RobustAccuracy(Evaluator):
+    """Split-Mix's SA/RA (spec splitmix.md §4; Madry et al., ICLR 2018): white-box L∞ PGD against the
+    predictor with every dual BN mixing ``(1 − μ)·clean + μ·adv``, for each μ of ``eval.robust.mus``, on a
+    seeded subset of at most ``eval.robust.num_samples`` test images (:func:`robust_accuracy`).
+
+    ``robust`` = {``eps``, ``steps``, ``step_size`` (pixel units), ``samples``, ``mu``, ``clean_acc``,
+    ``robust_acc``}, the last three aligned lists; a predictor without dual BN gets one entry (μ null).
+    Null for a model with non-finite weights."""
+
+    name = "robust_acc"
+
+    def test_metrics(self, name: str, model: nn.Module, logits: Tensor, setup: EvalSetup,
+                     capture: EvalScores | None) -> dict[str, Any]:
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            return {"robust": None}
+        return {"robust": robust_accuracy(model, setup.test.x, setup.test.y, setup.normalize, setup.robust,
+                                          setup.batch_size)}

@@ -8,6 +8,7 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
+from fedtrust.adversarial.robust import RobustEvalParams
 from fedtrust.data.types import ImageSet
 from fedtrust.fl.types import Message
 
@@ -49,6 +50,8 @@ class EvalSetup:
     """Test samples the ``leakage`` evaluator probes (``eval.leakage_probes``)."""
     leakage_sigma: float = 1e-3
     """Std of the ``leakage`` evaluator's reference Gaussian δ (``eval.leakage_sigma``)."""
+    robust: RobustEvalParams = field(default_factory=RobustEvalParams)
+    """The ``robust_acc`` evaluator's attack, μ list, subset cap and seed (``eval.robust``)."""
     ood_model: nn.Module | None = None
     """The model OOD detection is scored with instead of each predictor (``eval.ood_model=init_from``:
     PASCL stage 2 scores OOD with its stage-1 model); None: the predictor itself."""

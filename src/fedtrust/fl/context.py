@@ -58,6 +58,9 @@ class AlgorithmContext:
     """The server's pool of auxiliary outliers (uint8 images), when the objective needs them."""
     defense: Defense = dataclasses.field(default_factory=Defense)
     """How the server aggregates what the algorithm averages (config section ``defense``)."""
+    budgets: tuple[float, ...] | None = None
+    """Each client's maximum model width in (0, 1], indexed by client id (config section ``budget``,
+    Split-Mix spec §1); None: no budgets, every client may train the full model."""
 
     def generator(self, round: int, stream: int = 0) -> torch.Generator:
         """The server's seeded RNG of ``round`` (and an algorithm-chosen ``stream``): server-side

@@ -7,18 +7,24 @@ per file (STYLE §2, after timm):
 ========== ============================================== ==========================
 name        architecture                                   options
 ========== ============================================== ==========================
-cnn         3-layer conv3x3 CNN, GAP (digits, MNIST)       width, norm, bn_affine
+cnn         3-layer conv3x3 CNN, GAP (digits, MNIST)       width, norm, bn_affine, width_ratio, rescale_*
+digitnet    Split-Mix DigitModel, FC-512 features          norm, bn_affine, width_ratio, rescale_*
 cnn2        McMahan et al. 2017 CNN, FC-512 features       hidden
 lenet       DBA/FLIP MnistNet, FC-500 features (>= 16 px)  (none)
 convnet5    I2F's sigmoid 4-conv5x5 net (leakage audit)    width, init
 sigmoid_mlp sigmoid MLP (leakage audit)                    hidden, init
 resnet18    CIFAR ResNet-18                                norm, bn_affine, bn_affine_shortcut
 resnet34    CIFAR ResNet-34                                norm, bn_affine, bn_affine_shortcut
+preresnet18 HeteroFL pre-activation ResNet-18              norm, bn_affine, width_ratio, rescale_*
 wrn         WideResNet, WRN-16-4 by default                depth, widen_factor, dropout, norm, bn_affine
 wrn40_2     WRN-40-2                                       dropout, norm, bn_affine
 ========== ============================================== ==========================
 
 A builder's keyword-only parameters are its options (:func:`model_options`).
+``rescale_*`` is ``rescale_init`` and ``rescale_layer`` (:mod:`fedtrust.models.width`).
+Not registered, built from models: :class:`~fedtrust.models.ensemble.MixedModel`
+(Split-Mix's mixed model) and :class:`~fedtrust.models.slimmable.SlimNet`
+(a full model run at a smaller width).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import inspect
 from typing import Any
 
 from fedtrust.errors import ConfigError
-from fedtrust.models import cnn, resnet, sigmoid, wrn  # noqa: F401  (importing registers the families)
+from fedtrust.models import cnn, digitnet, dual_bn, preresnet, resnet, sigmoid, wrn  # noqa: F401  (importing registers the families)
 from fedtrust.models.base import FedModel, Shape, check_in_shape, check_int
 from fedtrust.models.norms import NormFactory
 from fedtrust.registry import get

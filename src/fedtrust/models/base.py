@@ -89,7 +89,7 @@ class FedModel(nn.Module):
     def stages(self) -> list[Stage]:
         """The body as named stages: ``features(x) == global_avg_pool(s_n(... s_1(x)))``."""
         raise ConfigError(f"model {type(self).__name__} has no split points (stages); "
-                          "models with them: cnn, resnet18, resnet34, wrn, wrn40_2")
+                          "models with them: cnn, resnet18, resnet34, preresnet18, wrn, wrn40_2")
 
 
 # ---------------------------------------------------------------- validation
@@ -99,6 +99,13 @@ def check_int(key: str, value: object, minimum: int) -> int:
     """``value`` as an int ``>= minimum``, else a one-line ConfigError naming ``key``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_bool(key: str, value: object) -> bool:
+    """``value`` if it is a bool, else a one-line ConfigError naming ``key``."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
     return value
 
 
@@ -130,10 +137,21 @@ def conv1x1(c_in: int, c_out: int, stride: int = 1, bias: bool = False) -> nn.Co
 
 
 class ConvNormReLU(nn.Sequential):
-    """conv3x3 -> norm -> ReLU, the stem of ResNets and the layer of the small CNN."""
+    """conv3x3 -> norm -> ReLU, the stem of ResNets and the layer of the small CNN.
 
-    def __init__(self, c_in: int, c_out: int, norm: NormFactory, stride: int = 1) -> None:
+    ``out_scale`` != 1 divides the conv output by it in training mode only, before the norm (Split-Mix's
+    ``rescale_layer``, spec splitmix.md §2); the state-dict keys (``0.weight``, ``1.weight``, ...) stay.
+    """
+
+    def __init__(self, c_in: int, c_out: int, norm: NormFactory, stride: int = 1, out_scale: float = 1.0) -> None:
         super().__init__(conv3x3(c_in, c_out, stride, bias=norm.conv_bias), norm(c_out), nn.ReLU())
+        self.out_scale = out_scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self[0](x)
+        if self.training and self.out_scale != 1.0:
+            h = h / self.out_scale
+        return self[2](self[1](h))
 
 
 def make_stage(block: Callable[[int, int, int], nn.Module], c_in: int, c_out: int, num_blocks: int, stride: int) -> nn.Sequential:

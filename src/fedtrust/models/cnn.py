@@ -6,6 +6,9 @@
   ``z`` has ``4w`` non-negative entries. It is fedtrust's own quick CPU model
   (the embedded digits runs), not a published architecture. It is fully
   convolutional; inputs need ``H, W >= 4`` (smaller ones are mostly padding).
+  ``width_ratio`` r scales the three widths to ``ceil(r w), ceil(2 r w),
+  ceil(4 r w)`` (a Split-Mix base net, spec splitmix.md §2), with
+  ``rescale_init``/``rescale_layer`` as in :mod:`fedtrust.models.width`.
 - ``"cnn2"`` (:class:`TwoConvCNN`): the "CNN" of McMahan et al., *Communication-
   Efficient Learning of Deep Networks from Decentralized Data* (AISTATS 2017,
   §3): conv5x5(32)-ReLU-maxpool2-conv5x5(64)-ReLU-maxpool2-FC(512)-ReLU-FC(C),
@@ -33,6 +36,7 @@ from torch import Tensor, nn
 
 from fedtrust.models.base import ConvNormReLU, FedModel, Shape, Stage, check_in_shape, check_int, global_avg_pool
 from fedtrust.models.norms import NormFactory
+from fedtrust.models.width import ScalableModel, rescale_init_, scaled
 from fedtrust.registry import register
 
 MIN_SIZE = 4  # SmallCNN and TwoConvCNN: smallest H, W accepted
@@ -40,30 +44,38 @@ LENET_MIN_SIZE = 16  # LeNet: two valid conv5x5 and two 2x2 pools leave a 1x1 ma
 POOL_MIN_SIZE = 16  # SmallCNN max-pools once when min(H, W) >= this
 
 
-class SmallCNN(FedModel):
+class SmallCNN(ScalableModel):
     """conv(w)-conv(2w)-[maxpool]-conv(4w), each conv3x3-norm-ReLU, then global average pool.
 
     Args:
         num_classes: number of logits.
         in_shape: ``(C, H, W)`` with ``H, W >= 4``.
-        width: channels of the first layer ``w``; ``num_features = 4 * width``.
+        width: channels of the first layer ``w``; ``num_features = ceil(4 * width * width_ratio)``.
         norm: the norm-layer factory (BN by default).
+        width_ratio: r in (0, 1]: the widths become ``ceil(r w), ceil(2 r w), ceil(4 r w)`` (spec splitmix.md §2).
+        rescale_init: re-initialise conv2, conv3 and the head with fan_in / r (spec §2).
+        rescale_layer: divide each conv output by r before its norm, in training mode only (spec §2).
     """
 
-    def __init__(self, num_classes: int, in_shape: Shape, width: int = 32, norm: NormFactory | None = None) -> None:
+    def __init__(self, num_classes: int, in_shape: Shape, width: int = 32, norm: NormFactory | None = None,
+                 width_ratio: float = 1.0, rescale_init: bool = False, rescale_layer: bool = False) -> None:
         super().__init__()
         norm = norm if norm is not None else NormFactory()
         c, h, w = self.in_shape = check_in_shape(in_shape, min_hw=MIN_SIZE)
         width = check_int("width", width, 1)
+        r = self._setup_width(norm, width_ratio, rescale_init, rescale_layer, width=width)
+        c1, c2, c3 = (scaled(k * width, r) for k in (1, 2, 4))
         pool: nn.Module = nn.MaxPool2d(2) if min(h, w) >= POOL_MIN_SIZE else nn.Identity()
         self.body = nn.Sequential(
-            ConvNormReLU(c, width, norm),
-            ConvNormReLU(width, 2 * width, norm),
+            ConvNormReLU(c, c1, norm, out_scale=self.out_scale),
+            ConvNormReLU(c1, c2, norm, out_scale=self.out_scale),
             pool,
-            ConvNormReLU(2 * width, 4 * width, norm),
+            ConvNormReLU(c2, c3, norm, out_scale=self.out_scale),
         )
-        self.num_features = 4 * width
+        self.num_features = c3
         self.reset_head(num_classes)
+        if rescale_init:
+            rescale_init_(self, r, skip=(self.body[0][0],))
 
     default_split = "conv1"
 
@@ -145,9 +157,10 @@ def _lenet_side(n: int) -> int:
 
 
 @register("model", "cnn")
-def cnn(num_classes: int, in_shape: Shape, *, width: int = 32, norm: str = "bn", bn_affine: bool = True) -> SmallCNN:
-    """Small 3-layer CNN (``H, W >= 4``); ``z`` has ``4 * width`` entries."""
-    return SmallCNN(num_classes, in_shape, width, NormFactory(norm, bn_affine))
+def cnn(num_classes: int, in_shape: Shape, *, width: int = 32, norm: str = "bn", bn_affine: bool = True,
+        width_ratio: float = 1.0, rescale_init: bool = False, rescale_layer: bool = False) -> SmallCNN:
+    """Small 3-layer CNN (``H, W >= 4``); ``z`` has ``ceil(4 * width * width_ratio)`` entries."""
+    return SmallCNN(num_classes, in_shape, width, NormFactory(norm, bn_affine), width_ratio, rescale_init, rescale_layer)
 
 
 @register("model", "cnn2")

@@ -1,11 +1,22 @@
 """Normalization layers: the single place every backbone gets its norm layers from.
 
 A model takes one :class:`NormFactory` and calls it for each norm layer,
-``norm(channels)`` for a layer on the main path and
-``norm(channels, shortcut=True)`` for the BN on a 1x1 projection shortcut. The
-kinds of layer are registered under the ``"norm"`` registry kind:
+``norm(channels)`` for a layer on the main path,
+``norm(channels, shortcut=True)`` for the BN on a 1x1 projection shortcut and
+``norm(features, dims=1)`` for a norm after a hidden fully connected layer
+(Split-Mix's DigitModel, spec splitmix.md §2). The kinds of layer are
+registered under the ``"norm"`` registry kind, each a builder
+``fn(num_features: int, affine: bool, dims: int = 2) -> nn.Module`` (``dims``
+2: over ``(B, C, H, W)`` maps, 1: over ``(B, C)`` vectors):
 
-- ``"bn"`` (default): ``nn.BatchNorm2d`` (momentum 0.1, eps 1e-5), affine or not;
+- ``"bn"`` (default): ``nn.BatchNorm2d`` / ``nn.BatchNorm1d`` (momentum 0.1,
+  eps 1e-5), affine or not, with running statistics for eval mode;
+- ``"bn_static"``: the same BN without running statistics
+  (``track_running_stats=False``): it normalizes with the current batch's
+  statistics in training *and* at test time. This is what Split-Mix and its
+  HeteroFL baselines use in every size experiment (``--no_track_stat``, spec
+  splitmix.md §2, HeteroFL's "static BN"); predictions then depend on the
+  test batch, and BN layers hold no buffers to aggregate;
 - ``"none"``: ``nn.Identity`` (convolutions then carry their own bias).
 
 Affine options (DESIGN principle 3, "BN options"):
@@ -19,8 +30,8 @@ Affine options (DESIGN principle 3, "BN options"):
   layer4.0) at PyTorch's defaults, so they keep γ/β: reproduce it with
   ``bn_affine=False, bn_affine_shortcut=True``.
 
-Later kinds (dual BN for Split-Mix DAT, width-sliced BN for slimmable nets)
-register here too, so models never construct norm layers themselves.
+Later kinds (dual BN for Split-Mix DAT, ``models/dual_bn.py``) register with
+the same builder signature, so models never construct norm layers themselves.
 """
 
 from __future__ import annotations
@@ -33,15 +44,24 @@ from fedtrust.errors import ConfigError
 from fedtrust.registry import get, register
 
 
+_BATCH_NORMS: dict[int, type[nn.Module]] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}
+
+
 @register("norm", "bn")
-def batch_norm(num_features: int, affine: bool) -> nn.Module:
-    """2-D batch norm over ``num_features`` channels, with or without γ/β."""
-    return nn.BatchNorm2d(num_features, affine=affine)
+def batch_norm(num_features: int, affine: bool, dims: int = 2) -> nn.Module:
+    """Batch norm over ``num_features`` channels (``dims`` 2: BatchNorm2d, 1: BatchNorm1d), with or without γ/β."""
+    return _BATCH_NORMS[dims](num_features, affine=affine)
+
+
+@register("norm", "bn_static")
+def static_batch_norm(num_features: int, affine: bool, dims: int = 2) -> nn.Module:
+    """Batch norm without running statistics: batch statistics in train and eval mode (spec splitmix.md §2)."""
+    return _BATCH_NORMS[dims](num_features, affine=affine, track_running_stats=False)
 
 
 @register("norm", "none")
-def no_norm(num_features: int, affine: bool) -> nn.Module:
-    """No normalization (identity); ``affine`` is ignored."""
+def no_norm(num_features: int, affine: bool, dims: int = 2) -> nn.Module:
+    """No normalization (identity); ``affine`` and ``dims`` are ignored."""
     return nn.Identity()
 
 
@@ -54,10 +74,10 @@ def _check_bool(key: str, value: object, allow_none: bool = False) -> None:
 
 @dataclass(frozen=True)
 class NormFactory:
-    """Builds the 2-D norm layers of one model.
+    """Builds the norm layers of one model.
 
     Args:
-        norm: registered norm kind (``"bn"`` or ``"none"``).
+        norm: registered norm kind (``"bn"``, ``"bn_static"``, ``"none"``, ...).
         bn_affine: learnable γ/β on the main-path BNs.
         bn_affine_shortcut: learnable γ/β on the 1x1 shortcut BNs; ``None`` = ``bn_affine``.
 
@@ -83,9 +103,18 @@ class NormFactory:
         """
         return self.norm == "none"
 
-    def __call__(self, num_features: int, *, shortcut: bool = False) -> nn.Module:
-        """A norm layer over ``num_features`` channels; ``shortcut`` marks a projection-shortcut BN."""
+    @property
+    def tracks_running_stats(self) -> bool:
+        """Whether this kind keeps BN running statistics (eval mode then differs from train mode)."""
+        probe = self(2)
+        return any(getattr(m, "track_running_stats", False) for m in probe.modules())
+
+    def __call__(self, num_features: int, *, shortcut: bool = False, dims: int = 2) -> nn.Module:
+        """A norm layer over ``num_features`` channels; ``shortcut`` marks a projection-shortcut BN;
+        ``dims`` is 2 for conv feature maps ``(B, C, H, W)`` and 1 for FC outputs ``(B, C)``."""
+        if isinstance(dims, bool) or dims not in (1, 2):
+            raise ConfigError(f"norm dims must be 1 (after a linear layer) or 2 (after a conv), got {dims!r}")
         affine = self.bn_affine
         if shortcut and self.bn_affine_shortcut is not None:
             affine = self.bn_affine_shortcut
-        return get("norm", self.norm)(num_features, affine)
+        return get("norm", self.norm)(num_features, affine, dims)

@@ -4,11 +4,13 @@ An objective is called as ``objective(model, batch) -> scalar loss``. It
 declares whether it needs auxiliary outliers in the batch (``needs_outliers``)
 and its hyper-parameters as a pydantic ``Params`` model (validated from the
 ``objective`` config section). Issue-specific objectives (LA, OE, RNA, ...)
-register here the same way.
+register here the same way. An objective that works on pixels (``dat``'s PGD)
+reads the run's uint8 → input normaliser from ``self.normalize``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch.nn.functional as F
@@ -33,10 +35,12 @@ class Objective:
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)
 
-    def __init__(self, params: BaseModel, num_classes: int, class_counts: Tensor) -> None:
+    def __init__(self, params: BaseModel, num_classes: int, class_counts: Tensor,
+                 normalize: Callable[[Tensor], Tensor] | None = None) -> None:
         self.params = params
         self.num_classes = num_classes
         self.class_counts = class_counts
+        self.normalize = normalize  # the run's uint8 → model-input map (data.normalize); None: [0, 1] pixels
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         """The model this objective trains: by default ``model`` itself; an objective that needs
@@ -63,7 +67,9 @@ class CrossEntropy(Objective):
         return F.cross_entropy(model(batch["x"]), batch["y"])
 
 
-def build_objective(name: str, params: dict, num_classes: int, class_counts: Tensor) -> Objective:
-    """Instantiate a registered objective from its config (params already validated)."""
+def build_objective(name: str, params: dict, num_classes: int, class_counts: Tensor,
+                    normalize: Callable[[Tensor], Tensor] | None = None) -> Objective:
+    """Instantiate a registered objective from its config (params already validated); ``normalize`` is the
+    run's uint8 → input map, for objectives that work on pixels."""
     cls = get("objective", name)
-    return cls(cls.Params(**params), num_classes, class_counts)
+    return cls(cls.Params(**params), num_classes, class_counts, normalize)

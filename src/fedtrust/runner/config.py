@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fedtrust.adversarial.robust import RobustEvalParams
 from fedtrust.data.augment import parse_augment
 from fedtrust.errors import ConfigError
 from fedtrust.registry import get, names
@@ -44,7 +45,10 @@ class DataConfig(Section):
     num_clients: int = Field(20, ge=1, description="number of clients the training set is split into")
     clients_per_round: int | float = Field(
         10, description="clients sampled per round: an int is a count, a float in (0, 1] a fraction")
-    partition: str = Field("dirichlet", description="partitioner: iid, dirichlet, shards")
+    dataset_params: dict[str, Any] = Field(
+        default_factory=dict, description="the data set loader's own options (e.g. image_size of domainnet; "
+                                          "`fedtrust.data.datasets.dataset_params`)")
+    partition: str = Field("dirichlet", description="partitioner: iid, dirichlet, shards, domains")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (partition=dirichlet)")
     min_size: int = Field(10, ge=0, description="minimum samples per client (partition=dirichlet)")
     classes_per_client: int = Field(2, ge=1, description="label shards per client (partition=shards)")
@@ -94,13 +98,41 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _names(self) -> "DataConfig":
+        from fedtrust.data.datasets import dataset_params
+
         get("dataset", self.dataset)
+        valid = dataset_params(self.dataset)
+        unknown = sorted(set(self.dataset_params) - set(valid))
+        if unknown:
+            raise ConfigError(f"unknown config key 'data.dataset_params.{unknown[0]}' for data set "
+                              f"{self.dataset!r}; valid: {', '.join(valid) or 'none'}")
         get("partitioner", self.partition)
         get("sampler", self.sampler)
         if isinstance(self.clients_per_round, int) and self.clients_per_round > self.num_clients:
             raise ConfigError(f"config key 'data.clients_per_round': {self.clients_per_round} exceeds "
                               f"data.num_clients={self.num_clients}")
         return self
+
+
+class BudgetConfig(Section):
+    """Section ``budget``: each client's maximum model width (Split-Mix spec §1; ``fedtrust.data.budgets``)."""
+
+    distribution: Literal["none", "blocks", "random", "lognormal"] = Field(
+        "none", description="none (no budgets), blocks (contiguous blocks in client order), random (a seeded "
+                            "draw per client), lognormal (contiguous groups sized by a lognormal)")
+    widths: list[float] = Field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0],
+                                description="the allowed widths, strictly increasing in (0, 1]")
+    sigma: float = Field(0.5, gt=0, description="lognormal: shape σ of ln W")
+    median: float = Field(0.4, gt=0, description="lognormal: median of W (scipy's scale)")
+    shuffle: bool = Field(False, description="permute the budgets over clients (seeded), untying them from "
+                                             "client order and so from domain")
+
+    @field_validator("widths")
+    @classmethod
+    def _widths(cls, v: list[float]) -> list[float]:
+        from fedtrust.data.budgets import check_widths
+
+        return list(check_widths(v))
 
 
 class ModelConfig(Named):
@@ -199,6 +231,8 @@ class EvalConfig(Section):
     ood_model: Literal["final", "init_from"] = Field(
         "final", description="the model OOD detection is scored with: the run's own (final), or the init_from "
                              "model (PASCL stage 2: OOD from stage 1, accuracy from stage 2)")
+    robust: RobustEvalParams = Field(default_factory=RobustEvalParams,
+                                     description="robust_acc evaluator: L∞ PGD settings, dual-BN mixes μ, subset cap")
 
     @model_validator(mode="after")
     def _names(self) -> "EvalConfig":
@@ -346,6 +380,8 @@ class RunConfig(Section):
     init_from: InitFrom | None = Field(None, description="start from another run's final server weights: its run "
                                                          "directory or checkpoint file (resolved: {path, sha256})")
     data: DataConfig = Field(default_factory=DataConfig, description="data set, long tail and partition")
+    budget: BudgetConfig = Field(default_factory=BudgetConfig, description="client budgets: each client's "
+                                                                           "maximum model width")
     model: ModelConfig = Field(default_factory=ModelConfig, description="architecture")
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig, description="federated algorithm")
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig, description="local training objective")

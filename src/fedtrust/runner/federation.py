@@ -18,11 +18,12 @@ import numpy as np
 import torch
 
 from fedtrust.data.augment import normalize
+from fedtrust.data.budgets import assign_budgets
 from fedtrust.data.class_subsets import select_classes
 from fedtrust.data.datasets import load_dataset
 from fedtrust.data.outliers import load_outliers
 from fedtrust.data.longtail import cumulative_groups, make_longtail, shot_groups
-from fedtrust.data.partition import partition, partition_stats
+from fedtrust.data.partition import domain_histogram, partition, partition_stats
 from fedtrust.data.types import Dataset, ImageSet
 from fedtrust.errors import ConfigError
 from fedtrust.fl.context import AlgorithmContext, LocalSchedule
@@ -31,6 +32,7 @@ from fedtrust.robust.aggregators import build_aggregator
 from fedtrust.robust.attacks import Attack, build_attack
 from fedtrust.robust.triggers import Stamper
 from fedtrust.evaluation import EvalSetup, EvaluatesClients
+from fedtrust.evaluation.evaluate import evaluators
 from fedtrust.fl.executor import ClientData, Executor
 from fedtrust.fl.faults import Faults
 from fedtrust.fl.update_privacy import UpdatePrivacy
@@ -46,6 +48,7 @@ from fedtrust.runner.config import RunConfig, outlier_sources
 
 _LOCAL_TEST_STREAM = 3
 _LONGTAIL_STREAM = 5
+_BUDGET_STREAM = 7
 
 
 @dataclass
@@ -80,13 +83,25 @@ def resolve_data_root(root: str | None) -> Path:
     return Path(root or os.environ.get("FEDTRUST_DATA") or "data")
 
 
-def build_partition(cfg: RunConfig, labels: np.ndarray) -> list[np.ndarray]:
-    """Split the (possibly long-tailed) training labels over the clients."""
+def build_partition(cfg: RunConfig, labels: np.ndarray, domain_ids: np.ndarray | None = None) -> list[np.ndarray]:
+    """Split the (possibly long-tailed) training labels over the clients; ``domain_ids`` (one per sample, for a
+    multi-domain set) go to partitioners that take them (``domains``)."""
     d = cfg.data
     fn = get("partitioner", d.partition)
     accepted = set(inspect.signature(fn).parameters)
     params = {k: getattr(d, k) for k in ("alpha", "min_size", "classes_per_client") if k in accepted}
+    if "domain_ids" in accepted:
+        params["domain_ids"] = domain_ids
     return partition(labels, d.partition, d.num_clients, partition_seed(cfg), **params)
+
+
+def build_budgets(cfg: RunConfig) -> tuple[float, ...] | None:
+    """Each client's maximum width (section ``budget``), None without budgets; seeded by (partition seed,
+    stream 7), so a run's budgets follow its partition seed."""
+    b = cfg.budget
+    rng = np.random.default_rng([partition_seed(cfg), _BUDGET_STREAM])
+    return assign_budgets(b.distribution, cfg.data.num_clients, b.widths, rng, sigma=b.sigma, median=b.median,
+                          shuffle=b.shuffle)
 
 
 def partition_seed(cfg: RunConfig) -> int:
@@ -99,7 +114,7 @@ def build_dataset(cfg: RunConfig) -> Dataset:
 
     The cut comes first, so the long tail, partition, model, metrics and report all see k classes.
     """
-    dataset = load_dataset(cfg.data.dataset, resolve_data_root(cfg.data.root))
+    dataset = load_dataset(cfg.data.dataset, resolve_data_root(cfg.data.root), **cfg.data.dataset_params)
     ids = cfg.data.id_classes
     if ids is None:
         return dataset
@@ -149,11 +164,15 @@ def build_federation(cfg: RunConfig) -> Federation:
         train = train.subset(torch.from_numpy(keep))
     train, root_set = hold_out_root(train, cfg.defense.root_size, cfg.seed)
     labels = train.y.numpy()
-    parts = build_partition(cfg, labels)
+    domain_ids = train.domains.numpy() if train.domains is not None else None
+    parts = build_partition(cfg, labels, domain_ids)
     stats = partition_stats(parts, labels, dataset.num_classes)
     class_counts = np.asarray(stats["class_counts"])
     stats.update(partition=cfg.data.partition, groups=shot_groups(class_counts),
                  hmt=cumulative_groups(class_counts))
+    if domain_ids is not None:
+        stats.update(domain_names=list(train.domain_names),
+                     domain_hist=domain_histogram(parts, domain_ids, len(train.domain_names)).tolist())
 
     train, test = train.to(device), dataset.test.to(device)
     data = ClientData(train, [torch.from_numpy(p).to(device) for p in parts])
@@ -170,7 +189,8 @@ def build_federation(cfg: RunConfig) -> Federation:
     eval_setup = EvalSetup(test, norm, stats["groups"], stats["hmt"], local_test, cfg.eval.batch_size,
                            ood_sets=ood_sets, scores=tuple(cfg.eval.scores), metrics=tuple(cfg.eval.metrics),
                            backdoor=backdoor_test(attack, test), reject_tau=cfg.eval.reject_tau,
-                           leakage_probes=cfg.eval.leakage_probes, leakage_sigma=cfg.eval.leakage_sigma)
+                           leakage_probes=cfg.eval.leakage_probes, leakage_sigma=cfg.eval.leakage_sigma,
+                           robust=cfg.eval.robust)
     outliers = None
     sources = outlier_sources(cfg.data.outliers)
     if sources:  # a list: the union, num_outliers split evenly (the first sources take the remainder)
@@ -178,7 +198,10 @@ def build_federation(cfg: RunConfig) -> Federation:
         outliers = torch.cat([load_outliers(name, dataset.shape, n + (i < k), cfg.seed, root)
                               for i, name in enumerate(sources)]).to(device)
 
+    for evaluator in evaluators(eval_setup.metrics):
+        evaluator.check(eval_setup)  # e.g. domain_acc on a set without domains: fail before any round
     algorithm = build_algorithm(cfg, dataset, torch.as_tensor(class_counts), norm, device, outliers)
+    stats["budgets"] = None if algorithm.ctx.budgets is None else list(algorithm.ctx.budgets)
     if root_set is not None:
         algorithm.ctx.defense.root = root_trainer(algorithm, root_set.to(device), cfg.seed, device)
     k = clients_per_round(cfg.data.clients_per_round, cfg.data.num_clients)
@@ -222,7 +245,7 @@ def build_algorithm(cfg: RunConfig, dataset: Dataset, class_counts: torch.Tensor
     t = cfg.train
     model_kwargs = cfg.model.params()
 
-    objective = build_objective(cfg.objective.name, cfg.objective.params(), dataset.num_classes, class_counts)
+    objective = build_objective(cfg.objective.name, cfg.objective.params(), dataset.num_classes, class_counts, norm)
 
     def new_model(**overrides: Any) -> torch.nn.Module:
         return objective.wrap_model(create_model(cfg.model.name, dataset.num_classes, dataset.shape,
@@ -239,7 +262,7 @@ def build_algorithm(cfg: RunConfig, dataset: Dataset, class_counts: torch.Tensor
                            step_rounds=t.lr_step_rounds, gamma=t.lr_gamma)
     ctx = AlgorithmContext(new_model=new_model, num_classes=dataset.num_classes, class_counts=class_counts,
                            objective=objective, schedule=schedule, lr=lr, normalize=norm, device=device,
-                           seed=cfg.seed, outliers=outliers, defense=build_defense(cfg))
+                           seed=cfg.seed, outliers=outliers, defense=build_defense(cfg), budgets=build_budgets(cfg))
     cls = get("algorithm", cfg.algorithm.name)
     for option, value in (("keep_optimizer", t.keep_optimizer), ("trainable", t.trainable)):
         if value and not cls.supports(option):
