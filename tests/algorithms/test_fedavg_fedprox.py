@@ -94,8 +94,10 @@ def test_fedprox_with_mu_zero_is_fedavg():
 
 
 NEEDS = {"isbc": ["data.outliers=noise", "data.num_outliers=64", "algorithm.hidden=16", "algorithm.pool=2"],
-         "rna_moments": ["data.outliers=noise", "data.num_outliers=64", "objective.name=rna_no_outliers"]}
-"""What an algorithm cannot run without (IS&BC, RNA variant B: the server's outliers)."""
+         "rna_moments": ["data.outliers=noise", "data.num_outliers=64", "objective.name=rna_no_outliers"],
+         "splitmix": ["model.norm=bn_static"], "heterofl": ["model.norm=bn_static"]}
+"""What an algorithm cannot run without (IS&BC, RNA variant B: the server's outliers; Split-Mix's rescaled
+layers: batch-statistics BN)."""
 
 
 @pytest.mark.parametrize("name", names("algorithm"))

@@ -15,6 +15,7 @@ ood           ``ood`` (AUROC, AUPR-in/out, FPR95 per OOD set and score), ``featu
 backdoor      ``asr``; with τ > 0 also ``asr_tau``, ``acc_tau`` and ``rejected`` (clean,    a ``backdoor``
               backdoor) under FLIP's rejection (spec flip.md §3, §4)                       attack
 domain_acc    ``domain_acc``: accuracy per domain name of a multi-domain set               domains
+cost          ``cost``: ``params`` and ``macs`` of one test input (flop counter)            —
 leakage       ``leakage``: the I2F lower bound I_lb = ‖Jδ‖/λmax(JJᵀ) of a few fixed test        —
               probes (δ = σ·ξ, σ = ``eval.leakage_sigma``; spec i2f.md §1): mean, min, per
               probe, and the seconds it took (:mod:`fedtrust.privacy.probe`)
@@ -117,6 +118,28 @@ class DomainAcc(Evaluator):
         self.check(setup)
         test = setup.test
         return {"domain_acc": domain_accuracy(logits.argmax(1), test.y, test.domains, test.domain_names)}
+
+
+@register("evaluator", "cost")
+class Cost(Evaluator):
+    """What a predictor costs at inference: ``cost`` = {``params``, ``macs``} for one test input, MACs counted by
+    ``torch.utils.flop_counter`` (:func:`fedtrust.models.cost.model_cost`; Split-Mix spec §6, Table 1's MACs and
+    #params per width). Measured once per predictor name and architecture, then reused."""
+
+    name = "cost"
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, int], dict[str, int]] = {}
+
+    def test_metrics(self, name: str, model: nn.Module, logits: Tensor, setup: EvalSetup,
+                     capture: EvalScores | None) -> dict[str, Any]:
+        from fedtrust.models.cost import model_cost
+
+        key = (name, sum(p.numel() for p in model.parameters()))
+        if key not in self._seen:
+            params, macs = model_cost(model, tuple(setup.test.x.shape[1:]))
+            self._seen[key] = {"params": int(params), "macs": int(macs)}
+        return {"cost": dict(self._seen[key])}
 
 
 @register("evaluator", "calibration")
