@@ -1,4 +1,4 @@
-"""Heterogeneous widths benchmark (issue 16): Split-Mix against HeteroFL, FedRolex and width-1/8 FedAvg on
+"""Heterogeneous widths benchmark (issue 16): Split-Mix against SHeteroFL, HeteroFL, FedRolex and width-1/8 FedAvg on
 digits domains: accuracy per width with MACs and parameters, accuracy per domain, Split-Mix + DAT's clean /
 robust trade-off over the test-time mix μ, and the cost of a round with the bases vectorised or one by one.
 
@@ -6,12 +6,11 @@ Reproduce (from the repository root; about 15 min on 2 CPU cores):
 
     python benchmarks/hetero_width.py --seeds 0,1,2 --jobs 2
 
-Setup: the presets ``configs/{splitmix,heterofl,fedrolex,fedavg-width}-digits-domains.yaml``: bundled digits
+Setup: the presets ``configs/{splitmix,sheterofl,heterofl,fedrolex,fedavg-width}-digits-domains.yaml``: bundled digits
 rendered as five domains (plain, inverted, MNIST-M-style photo blend, noisy, rotated), two clients per domain
 (domain-major), budgets in contiguous blocks {1/8, 1/4, 1/2, 1} (budget tied to domain, as in the paper's
 Digits setting: plain digits get 1/8, rotated get 1), ``cnn`` of width 32 with batch-statistics BN, 30
-rounds, all clients every round. SHeteroFL's slimmable local training is not built yet, so its row is
-missing (HeteroFL is its non-slimmable variant). Robustness: Split-Mix with the ``dat`` objective (λ 0.5,
+rounds, all clients every round. Robustness: Split-Mix with the ``dat`` objective (λ 0.5,
 PGD-7 at ε = 8/255 in pixel units) on dual-BN bases, scored by ``robust_acc`` at μ ∈ {0, 0.2, 0.5, 0.8, 1}
 (one training). Timing: the executor=vectorized and executor=sequential runs of the Split-Mix preset, seed 0.
 Results: ``benchmarks/results/hetero_width.md``.
@@ -28,6 +27,7 @@ from runpool import Job, REPO, benchmark_parser, md_table, mean_std, run_jobs, t
 
 METHODS = {
     "splitmix": ("Split-Mix", "splitmix-digits-domains.yaml"),
+    "sheterofl": ("SHeteroFL", "sheterofl-digits-domains.yaml"),
     "heterofl": ("HeteroFL", "heterofl-digits-domains.yaml"),
     "fedrolex": ("FedRolex", "fedrolex-digits-domains.yaml"),
     "fedavg": ("FedAvg at width 1/8", "fedavg-width-digits-domains.yaml"),
@@ -69,7 +69,7 @@ def main() -> None:
     run_jobs(list(timing.values()), 1)  # one at a time: the timing rows are the code's own speed
 
     cmd = f"python benchmarks/hetero_width.py --seeds {args.seeds} --jobs {args.jobs}"
-    lines = ["# Heterogeneous widths: Split-Mix, HeteroFL, FedRolex, FedAvg at width 1/8 (issue 16)", "",
+    lines = ["# Heterogeneous widths: Split-Mix, SHeteroFL, HeteroFL, FedRolex, FedAvg at width 1/8 (issue 16)", "",
              f"Reproduce: `{cmd}` (from the repository root; runs kept under `{args.work}`).", "",
              f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; seeds {args.seeds}; {len(every)} runs "
              f"({todo} run by this invocation in {(time.time() - start) / 60:.1f} min; the runs' own wall times add up "

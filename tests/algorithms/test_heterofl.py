@@ -92,3 +92,29 @@ def test_one_line_errors(overrides, message):
     with pytest.raises(ConfigError) as err:
         build_federation(build_config({}, [*(o for o in BASE if not o.startswith("model.")), *overrides]))
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_sheterofl_sums_the_losses_of_every_width_up_to_the_budget():
+    """SHeteroFL (spec §5): a client of budget 1/2 trains widths 1/4 and 1/2 on each batch; its loss is the sum
+    of the CE of its sub-net and of that sub-net's width-1/4 prefix (a standalone width-1/4 net holding the
+    prefix weights, hidden outputs divided by 1/4 in training)."""
+    from fedtrust.models.slimmable import extract as take, slice_indices
+
+    fed = federation("algorithm.slimmable=true")
+    algo = fed.algorithm
+    torch.manual_seed(0)
+    sub = algo.sub_template(0.5).train()
+    batch = {"x": algo.ctx.normalize(fed.data.train.x[:16]), "y": fed.data.train.y[:16]}
+    narrow = algo.ctx.new_model(width_ratio=0.25, rescale_layer=True).train()
+    narrow.load_state_dict(take(sub.state_dict(), slice_indices(sub, 0.5)))
+    want = (torch.nn.functional.cross_entropy(sub(batch["x"]), batch["y"])
+            + torch.nn.functional.cross_entropy(narrow(batch["x"]), batch["y"]))
+    got = algo.local_loss(sub, dict(sub.named_parameters()), batch, {})
+    assert torch.allclose(got, want, atol=1e-5)
+    plain = federation().algorithm
+    single = plain.local_loss(plain.sub_template(0.5).train(), {}, batch, {})
+    assert not torch.allclose(single, got, atol=1e-3)
+    # the narrowest budget trains one width: nothing to add
+    tiny = algo.sub_template(0.25).train()
+    assert torch.allclose(algo.local_loss(tiny, {}, batch, {}),
+                          torch.nn.functional.cross_entropy(tiny(batch["x"]), batch["y"]), atol=1e-6)

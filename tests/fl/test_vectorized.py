@@ -46,6 +46,8 @@ CASES = {
                                           "algorithm.base_ratio=0.25"],
     "heterofl-slices-of-four-widths": ["algorithm.name=heterofl", "model.norm=bn_static",
                                        "budget.distribution=blocks", "budget.widths=[0.25,0.5,0.75,1.0]"],
+    "sheterofl-slimmable-widths": ["algorithm.name=heterofl", "algorithm.slimmable=true", "model.norm=bn_static",
+                                   "budget.distribution=blocks", "budget.widths=[0.25,0.5,0.75,1.0]"],
     "energy-oe-two-outliers-per-image": ["objective.name=energy_oe", "data.outliers=photos", "data.num_outliers=300",
                                          "train.outlier_ratio=2", "data.augment=crop_flip"],
     "keep-optimizer-trainable-head": ["train.keep_optimizer=true", "train.trainable=[head.*]",

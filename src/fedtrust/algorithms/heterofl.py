@@ -20,7 +20,10 @@ max-width slice added once per trained width, which over-weights rich clients on
 Evaluated as the prefix sub-nets of each width in ``widths`` (predictors ``x1``, ``x0.5``, ...; the widest
 first, the primary one). Bytes uploaded per client are logged (``heterofl`` in ``metrics.jsonl``).
 
-Not yet here: SHeteroFL's slimmable local training (every width ≤ R_k on each batch, spec §5).
+SHeteroFL (``slimmable: true``, spec §5): a client of budget ``R_k`` trains every width ``w ≤ R_k`` of
+``widths`` on each batch, the sum of their losses in one step, each narrower net the prefix of its own
+sub-net (:class:`~fedtrust.models.slimmable.SlimNet`, hidden outputs divided by ``w`` in training with
+``rescale_layer``); BN weights are shared and sliced, with batch statistics.
 """
 
 from __future__ import annotations
@@ -31,13 +34,13 @@ from typing import Any
 
 import torch
 from pydantic import Field
-from torch import nn
+from torch import Tensor, nn
 
 from fedtrust.algorithms.fedavg import FedAvg
 from fedtrust.errors import ConfigError
 from fedtrust.fl.aggregate import reply_weights
-from fedtrust.fl.protocol import Algorithm, ClientContext, LocalTraining, Message, TrainResult, with_prefix
-from fedtrust.models.slimmable import Indices, coverage, embed, extract, slice_indices
+from fedtrust.fl.protocol import Algorithm, Batch, ClientContext, LocalTraining, Message, TrainResult, with_prefix
+from fedtrust.models.slimmable import Indices, SlimNet, coverage, embed, extract, slice_indices
 from fedtrust.registry import register
 
 MODEL = "model"
@@ -59,8 +62,11 @@ class HeteroFL(FedAvg):
                                                  "round (false: HeteroFL's prefix)")
         rescale_layer: bool = Field(True, description="HeteroFL's scaler: a width-w sub-net divides its hidden "
                                                       "outputs by w in training (needs model.norm bn_static or none)")
-        widths: list[float] | None = Field(None, description="widths evaluated (prefix sub-nets); null: the "
-                                                             "budget widths, else 1/8, 1/4, 1/2, 1")
+        widths: list[float] | None = Field(None, description="widths evaluated (prefix sub-nets) and, with "
+                                                             "slimmable, trained; null: the budget widths and 1, "
+                                                             "else 1/8, 1/4, 1/2, 1")
+        slimmable: bool = Field(False, description="SHeteroFL: a client trains every width <= its budget on each "
+                                                   "batch (losses summed, one step; spec §5)")
 
     def __init__(self, params: Params, ctx: Any) -> None:
         super().__init__(params, ctx)
@@ -163,6 +169,28 @@ class HeteroFL(FedAvg):
         return out
 
     # ---- client side -------------------------------------------------
+    def slim(self, model: nn.Module, width: float) -> nn.Module:
+        """``model`` (a width-R sub-net) run at the narrower global width ``width`` (its prefix)."""
+        key = (id(model), width)
+        if key not in self._slims:
+            self._slims[key] = SlimNet(model, width / model.width_ratio, rescale_layer=self.params.rescale_layer)
+        return self._slims[key]
+
+    @functools.cached_property
+    def _slims(self) -> dict[tuple[int, float], nn.Module]:
+        return {}
+
+    def local_loss(self, model, params: dict[str, Tensor], batch: Batch, ref: dict[str, Tensor]) -> Tensor:
+        """The objective on the client's sub-net; SHeteroFL: summed over every width up to its budget."""
+        if not self.params.slimmable:
+            return super().local_loss(model, params, batch, ref)
+        budget = float(model.width_ratio)
+        loss = self.ctx.objective(model, batch)
+        for w in self.widths:
+            if w < budget - 1e-9:
+                loss = loss + self.ctx.objective(self.slim(model, w), batch)
+        return loss
+
     def local_training(self, message: Message, client_state: Message, ctx: ClientContext) -> LocalTraining:
         """FedAvg's local training of the width-``meta["width"]`` sub-net."""
         plan = super().local_training(message, client_state, ctx)
