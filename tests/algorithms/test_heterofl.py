@@ -118,3 +118,12 @@ def test_sheterofl_sums_the_losses_of_every_width_up_to_the_budget():
     tiny = algo.sub_template(0.25).train()
     assert torch.allclose(algo.local_loss(tiny, {}, batch, {}),
                           torch.nn.functional.cross_entropy(tiny(batch["x"]), batch["y"]), atol=1e-6)
+
+
+def test_sheterofl_runs_on_the_vectorised_executor_from_a_fresh_start(tmp_path):
+    """The narrower views are built before the vectorised step (building one inside vmap fails)."""
+    import fedtrust
+
+    res = fedtrust.run(None, [*BASE, "algorithm.slimmable=true", "rounds=1", "eval.every=1", "executor=vectorized",
+                              "checkpoint_every=0", f"out={tmp_path}"], progress=False, report=False)
+    assert res.summary["executor"] == "vectorized" and res.summary["test_acc"] > 0

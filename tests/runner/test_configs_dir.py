@@ -20,7 +20,7 @@ STAND_IN = {"cifar100": ((3, 32, 32), 100)}
 file layout (random images, every class present), so the loader, long tail, partition, model, objective
 and algorithm are all still built; only the pixels are fake."""
 
-SLOW = {"rna-cifar10-lt.yaml", "isbc-cifar10.yaml"}  # decode the 50,000-image CIFAR-10 JPEG pack (about 8 s)
+SLOW = {"rna-cifar10-lt.yaml", "isbc-cifar10.yaml", "splitmix-cifar10.yaml", "sheterofl-cifar10.yaml"}  # decode the 50,000-image CIFAR-10 JPEG pack (about 8 s)
 
 
 def test_there_are_presets():

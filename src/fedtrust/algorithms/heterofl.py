@@ -194,8 +194,12 @@ class HeteroFL(FedAvg):
     def local_training(self, message: Message, client_state: Message, ctx: ClientContext) -> LocalTraining:
         """FedAvg's local training of the width-``meta["width"]`` sub-net."""
         plan = super().local_training(message, client_state, ctx)
-        return dataclasses.replace(plan, model=self.sub_template(float(message.meta["width"])),
-                                   init=message.prefixed(SLICE))
+        model = self.sub_template(float(message.meta["width"]))
+        if self.params.slimmable:  # build the narrower views here: not inside the vectorised executor's vmap
+            for w in self.widths:
+                if w < model.width_ratio - 1e-9:
+                    self.slim(model, w)
+        return dataclasses.replace(plan, model=model, init=message.prefixed(SLICE))
 
     def finish(self, message: Message, result: TrainResult, client_state: Message,
                ctx: ClientContext) -> tuple[Message, Message]:
