@@ -83,6 +83,8 @@ def test_aggregation_is_a_per_base_weighted_mean_and_untrained_bases_keep_their_
     assert torch.allclose(new.arrays[f"base2/{key}"], torch.full(shape, -2.0))
     assert torch.equal(new.arrays[f"base3/{key}"], state.arrays[f"base3/{key}"])
     assert metrics["splitmix"]["base_counts"] == [2, 2, 1, 0]
+    one_base = sum(v.numel() * v.element_size() for k, v in state.arrays.items() if k.startswith("base0/"))
+    assert metrics["splitmix"]["upload_bytes_mean"] == pytest.approx((2 + 1 + 2) * one_base / 3)
 
 
 def test_the_mixed_model_of_width_w_averages_the_logits_of_the_first_w_over_r_bases():

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from fedtrust.algorithms.fedavg import FedAvg
 from fedtrust.errors import ConfigError
-from fedtrust.fl.aggregate import reply_weights
+from fedtrust.fl.aggregate import mean_upload_bytes, reply_weights
 from fedtrust.fl.protocol import Algorithm, Batch, ClientContext, LocalTraining, Message, TrainResult, with_prefix
 from fedtrust.models.slimmable import Indices, SlimNet, coverage, embed, extract, slice_indices
 from fedtrust.registry import register
@@ -153,9 +153,8 @@ class HeteroFL(FedAvg):
             mean = torch.where(den[k] > 0, num[k] / den[k].clamp_min(1e-300), old.double())
             new[k] = mean.round().to(old.dtype) if not old.is_floating_point() else mean.to(old.dtype)
         arrays = dict(state.arrays) | with_prefix(MODEL, new)
-        up = [sum(v.numel() * v.element_size() for v in r.arrays.values()) for r in replies.values()]
         return Message(arrays=arrays, meta=dict(state.meta)), {
-            "heterofl": {"upload_bytes_mean": sum(up) / len(up) if up else None,
+            "heterofl": {"upload_bytes_mean": mean_upload_bytes(replies),
                          "widths": {str(c): self.budget(c) for c in sorted(replies)}}}
 
     def predictors(self, state: Message, client_state: Message | None = None) -> dict[str, nn.Module]:

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from fedtrust.data.types import ImageSet
 from fedtrust.errors import ConfigError
+from fedtrust.fl.aggregate import mean_upload_bytes, message_bytes
 from fedtrust.fl.protocol import Algorithm, ClientContext, Message, with_prefix
 from fedtrust.models.base import FedModel
 from fedtrust.models.split import Split, split_model
@@ -250,11 +251,10 @@ class ISBC(Algorithm):
                 oes.append(float(oe.detach()))
                 steps += 1
         pred.eval()
-        up = [_nbytes(r) for r in replies.values()]
         metrics = {"isbc": {"id_features": len(h), "outliers": 0 if o is None else len(o), "steps": steps,
                             "loss": _mean(losses), "ce": _mean(ces), "oe": _mean(oes),
-                            "upload_bytes_mean": _mean(up), "download_bytes": _nbytes(self.configure(state, round,
-                                                                                                    [0])[0]),
+                            "upload_bytes_mean": mean_upload_bytes(replies),
+                            "download_bytes": message_bytes(self.configure(state, round, [0])[0]),
                             **({"dropped": dropped} if dropped else {})}}
         return self._state(pred, state.meta), metrics
 
@@ -333,10 +333,6 @@ def outlier_exposure(z: Tensor) -> Tensor:
 
 def _pool(h: Tensor) -> Tensor:
     return torch.mean(h, dim=(2, 3))
-
-
-def _nbytes(message: Message) -> int:
-    return sum(v.numel() * v.element_size() for v in message.arrays.values())
 
 
 def _mean(values: list[float] | list[int]) -> float | None:

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from fedtrust.algorithms.fedavg import FedAvg
 from fedtrust.errors import ConfigError
+from fedtrust.fl.aggregate import mean_upload_bytes
 from fedtrust.fl.protocol import Algorithm, ClientContext, LocalTraining, Message, TrainResult, with_prefix
 from fedtrust.models.ensemble import MixedModel
 from fedtrust.registry import register
@@ -177,8 +178,7 @@ class SplitMix(FedAvg):
             merged, m = self.ctx.defense.merge(state, trained, [base_prefix(i)], round)
             arrays.update({k: v for k, v in merged.arrays.items() if k.startswith(tag) or k.startswith("defense/")})
             metrics.update(m)
-        up = [sum(v.numel() * v.element_size() for v in r.arrays.values()) for r in replies.values()]
-        metrics["splitmix"] = {"base_counts": counts, "upload_bytes_mean": sum(up) / len(up) if up else None}
+        metrics["splitmix"] = {"base_counts": counts, "upload_bytes_mean": mean_upload_bytes(replies)}
         return Message(arrays=arrays, meta=dict(state.meta)), metrics
 
     def predictors(self, state: Message, client_state: Message | None = None) -> dict[str, nn.Module]:

@@ -10,6 +10,17 @@ from fedtrust.errors import FedTrustError
 from fedtrust.fl.types import Message
 
 
+def message_bytes(message: Message) -> int:
+    """Bytes of a message's arrays (what it costs to send them, metadata aside)."""
+    return sum(v.numel() * v.element_size() for v in message.arrays.values())
+
+
+def mean_upload_bytes(replies: Mapping[int, Message]) -> float | None:
+    """The mean of :func:`message_bytes` over the replies (None without replies): bytes uploaded per client."""
+    sizes = [message_bytes(r) for r in replies.values()]
+    return sum(sizes) / len(sizes) if sizes else None
+
+
 def reply_weights(replies: Mapping[int, Message], key: str = "num_examples") -> dict[int, float]:
     """The sample weight of every reply; a missing or negative weight is an error naming the client."""
     weights = {}
