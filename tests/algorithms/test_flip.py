@@ -151,3 +151,34 @@ def test_vectorized_batches_the_inversions_and_equals_sequential_in_float64(floa
     for k in a.arrays:
         assert torch.allclose(a.arrays[k], b.arrays[k], atol=1e-9, rtol=1e-7), k
     assert any(not torch.equal(a.arrays[k], start.arrays[k]) for k in a.arrays), "nothing trained"
+
+
+def test_a_replaced_model_with_negative_bn_variance_is_trained_plainly_not_inverted(one_thread):
+    """Model replacement scales BN running variances by γ too (spec §1), so the replaced global model can hold
+    negative variances and a NaN eval-mode forward. Rules out: inverting on it (NaN triggers stamped on the
+    batch, a NaN reply the server rejects, NaN cached in the client's state for ever: the backdoor benchmark's
+    collapsed single-shot run), and skipping the round instead of letting train-mode BN repair the model."""
+    fed = federation()
+    torch.manual_seed(0)
+    state = fed.algorithm.init()
+    key = next(k for k in state.arrays if k.endswith("running_var"))
+    benign = state.arrays[key].clone()
+    state.arrays[key] = benign + 10.0 * (0.8 * benign - benign)  # G + γ(X − G), γ = 10, X's variance 0.8·G: −G
+    model = fed.algorithm.template
+    model.load_state_dict({k[len("model/"):]: v for k, v in state.arrays.items() if k.startswith("model/")})
+    model.eval()
+    x = fed.data.client(1).x[:8].float()
+    assert not torch.isfinite(model(fed.algorithm.normalize01(x / 255.0))).all(), "precondition: NaN in eval"
+    message = fed.algorithm.configure(state, 1, [1])[1]
+    ctx = ClientContext(1, 1, torch.Generator().manual_seed(101), fed.device)
+    reply, new = fed.algorithm.client_update(message, fed.data.client(1), ClientStore().get(1), ctx)
+    assert reply.meta["flip_unsound"] == 1 and reply.meta["flip_warmup"] == 0 and reply.meta["flip_pairs"] == 0
+    assert reply.meta["steps"] >= 1, "the round trains (plain steps), it is not skipped"
+    for k, v in reply.arrays.items():
+        assert torch.isfinite(v).all(), k
+    assert not flip_state(new) or not bool(flip_state(new)["seen"]), "no warm-up yet: the next sound visit does it"
+    # a sound model next round: the client inverts again (warm-up, since it never has)
+    ctx2 = ClientContext(1, 2, torch.Generator().manual_seed(201), fed.device)
+    message2 = fed.algorithm.configure(fed.algorithm.init(), 2, [1])[1]
+    reply2, _ = fed.algorithm.client_update(message2, fed.data.client(1), new, ctx2)
+    assert reply2.meta["flip_unsound"] == 0 and reply2.meta["flip_warmup"] > 0

@@ -20,6 +20,9 @@ STAND_IN = {"cifar100": ((3, 32, 32), 100)}
 file layout (random images, every class present), so the loader, long tail, partition, model, objective
 and algorithm are all still built; only the pixels are fake."""
 
+FEDBN_STAND_IN = {"fedbn_digits"}
+"""FedBN pickle layouts (Digit-5) no copy of ../shared/data holds: random pickles in FedBN's layout, as above."""
+
 SLOW = {"rna-cifar10-lt.yaml", "isbc-cifar10.yaml", "splitmix-cifar10.yaml", "sheterofl-cifar10.yaml"}  # decode the 50,000-image CIFAR-10 JPEG pack (about 8 s)
 
 
@@ -44,6 +47,24 @@ def write_stand_in(root: Path, name: str, per_class: int = 100) -> None:
         np.savez(root / name / f"{split}.npz", x=x, y=y)
 
 
+def write_fedbn_digits_stand_in(root: Path, parts: int = 3, per_class: int = 2) -> None:
+    """``ROOT/Digits/<domain>/partitions/train_part{k}.pkl`` (k < parts) and ``test.pkl``: pickled (x uint8 NHWC
+    28×28×3, y int64) pairs, every class in every file, as FedBN's data_preprocess.py writes them."""
+    import pickle
+
+    from fedtrust.data.fedbn import DIGIT_DOMAINS
+
+    rng = np.random.default_rng(0)
+    for name in DIGIT_DOMAINS:
+        for file in [f"partitions/train_part{k}.pkl" for k in range(parts)] + ["test.pkl"]:
+            y = np.repeat(np.arange(10, dtype=np.int64), per_class)
+            x = rng.integers(0, 256, size=(len(y), 28, 28, 3), dtype=np.uint8)
+            path = root / "Digits" / name / file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as f:
+                pickle.dump((x, y), f, pickle.HIGHEST_PROTOCOL)
+
+
 def preset_case(path: Path) -> list:
     marks = [pytest.mark.slow] if path.name in SLOW else []
     return pytest.param(path, id=path.name, marks=marks)
@@ -65,6 +86,9 @@ def test_preset_builds_its_federation(path, request, tmp_path, monkeypatch):
         overrides.append("algorithm.refine_steps=20")
     if raw.data.dataset in STAND_IN:
         write_stand_in(tmp_path, raw.data.dataset)
+        overrides.append(f"data.root={tmp_path}")
+    elif raw.data.dataset in FEDBN_STAND_IN:
+        write_fedbn_digits_stand_in(tmp_path, raw.data.dataset_params.get("parts", 3))
         overrides.append(f"data.root={tmp_path}")
     elif raw.data.dataset != "digits" or raw.data.root is not None:
         shared = request.getfixturevalue("shared_data")  # skips with the path it looked in when absent

@@ -76,8 +76,11 @@ from fedtrust.robust.inversion import InversionJob, InversionParams, Raw, Trigge
 
 PREFIX = "flip"
 """Prefix of FLIP's per-client state in the client's persistent state (never replied)."""
-COUNTS = ("flip_warmup", "flip_pairs", "flip_skipped")
-"""Per-client hardening counts in the reply's meta: warm-up triggers, pairs drawn, batches not trained on."""
+COUNTS = ("flip_warmup", "flip_pairs", "flip_skipped", "flip_unsound")
+"""Per-client hardening counts in the reply's meta: warm-up triggers, pairs drawn, batches not trained on,
+visits that found an unsound global model (no inversion, plain steps: see :meth:`_Hardening.sound`)."""
+SOUND_CHECK_IMAGES = 64
+"""Images of the client's data forwarded in eval mode to check the global model before inverting on it."""
 REFINE_LAM = 1e-2
 """λ of the second batch of a pair after the first succeeded (spec §2)."""
 
@@ -150,14 +153,17 @@ class Flip(FedAvg):
                                 sched.drop_last)[:p.max_steps]
         st = _State.load(client_state, k, data.x.device)
         run = _Hardening(self, model, opt, data, ctx, st)
-        if not st.seen and batches:
-            batches = yield from run.warmup(batches)
-        yield from run.pairs(batches)
+        if not run.sound():
+            run.plain(batches)  # no inversion on a model whose eval-mode logits are not finite
+        else:
+            if not st.seen and batches:
+                batches = yield from run.warmup(batches)
+            yield from run.pairs(batches)
+            st.seen = True
         result = TrainResult(state={n: v.detach().clone() for n, v in model.state_dict().items()},
                              num_examples=len(data), steps=run.steps, mean_loss=run.mean_loss())
         reply, _ = self.finish(message, result, client_state, ctx)
         reply.meta.update(run.counts)
-        st.seen = True
         return reply, st.save(client_state)
 
     def aggregate(self, state: Message, replies: dict[int, Message], round: int) -> tuple[Message, dict[str, Any]]:
@@ -236,11 +242,38 @@ class _Hardening:
         if self.dropout:
             seed_global_rngs(int(torch.randint(0, 2**62, (1,), generator=self.ctx.generator)))
         loss = F.cross_entropy(self.model(self.algo.normalize01(x01.clamp(0, 1))), y)
+        if not torch.isfinite(loss):  # a NaN step would make the whole reply non-finite (and rejected)
+            self.counts["flip_skipped"] += 1
+            return
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         self.losses.append(loss.detach())
         self.steps += 1
+
+    def sound(self) -> bool:
+        """Whether the received model's eval-mode logits on (up to) 64 of the client's images are finite.
+
+        A model-replacement attack scales every entry of its update by γ (spec §1), BN running variances
+        included: the replaced global model can hold negative variances, and its eval-mode forward (the one
+        every inversion runs) is then NaN. Inverting on it yields NaN triggers whose patterns poison the
+        stamped images (0·NaN = NaN) and, cached, every later visit of the client; the replies are rejected
+        as non-finite and the server keeps the broken model for ever (the backdoor benchmark's single-shot
+        DBA, seed 1). An unsound model is instead trained by plain steps (:meth:`plain`): train-mode BN uses
+        batch statistics and the running ones recover, and the next round inverts again."""
+        x = self.x01[:SOUND_CHECK_IMAGES]
+        was = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            ok = bool(torch.isfinite(self.model(self.algo.normalize01(x))).all())
+        self.model.train(was)
+        return ok
+
+    def plain(self, batches: list[Tensor]) -> None:
+        """Hardening's Adam steps on the clean batches, true labels, nothing stamped (an unsound model)."""
+        self.counts["flip_unsound"] += 1
+        for idx in batches:
+            self.step(self.x01[idx], self.y[idx])
 
     def mean_loss(self) -> float:
         return float(torch.stack(self.losses).mean()) if self.losses else float("nan")
@@ -345,8 +378,12 @@ class _Hardening:
         return all(trig.reached for _, trig, _ in plan)
 
     def record(self, key: tuple[int, int], trig: Trigger) -> None:
-        """Cache the pair's raw variables; move ``mat_diff`` by the relative growth of its mask L1."""
-        self.st.cache[key] = trig.raw
+        """Cache the pair's raw variables (not non-finite ones: they would poison every later warm start);
+        move ``mat_diff`` by the relative growth of its mask L1."""
+        if all(bool(torch.isfinite(r).all()) for r in trig.raw):
+            self.st.cache[key] = trig.raw
+        else:
+            self.st.cache.pop(key, None)
         if not trig.reached:
             return
         old = float(self.st.l1[key])

@@ -37,10 +37,12 @@ from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from fedtrust.algorithms.fedavg import FedAvg
+from fedtrust.algorithms.personal import PERSONAL, personal_overrides, split_state
 from fedtrust.errors import ConfigError
 from fedtrust.fl.aggregate import mean_upload_bytes
 from fedtrust.fl.protocol import Algorithm, ClientContext, LocalTraining, Message, TrainResult, with_prefix
 from fedtrust.models.ensemble import MixedModel
+from fedtrust.models.norms import norm_state_keys
 from fedtrust.registry import register
 
 BASE = "base"
@@ -87,6 +89,9 @@ class SplitMix(FedAvg):
                                                       "model.norm bn_static or none)")
         widths: list[float] | None = Field(None, description="widths evaluated (mixed models of the first w/r "
                                                              "bases), multiples of r; null: r, 2r, 4r, ... and 1")
+        local_bn: bool = Field(False, description="keep every base's norm layers on the client, FedBN-style "
+                                                  "(spec §2 --lbn, 'locally tracked'); evaluation is then "
+                                                  "personalized")
 
         @field_validator("base_ratio")
         @classmethod
@@ -120,6 +125,19 @@ class SplitMix(FedAvg):
             return sorted(self.params.widths, reverse=True)
         doubling = [r * 2 ** j for j in range(round(1 / r).bit_length()) if r * 2 ** j <= 1 + _TOLERANCE]
         return sorted({*doubling, 1.0}, reverse=True)
+
+    @property
+    def personalized(self) -> bool:  # type: ignore[override]
+        """With ``local_bn`` each client is scored with its own norm layers (personalized evaluation)."""
+        return self.params.local_bn
+
+    @functools.cached_property
+    def _norm_keys(self) -> frozenset[str]:
+        return norm_state_keys(self.template) if self.params.local_bn else frozenset()
+
+    def _local(self, key: str) -> bool:
+        """Whether a base's state entry stays on the client (its norm layers under ``local_bn``)."""
+        return key in self._norm_keys
 
     @property
     def num_bases(self) -> int:
@@ -162,7 +180,7 @@ class SplitMix(FedAvg):
 
     def reply_spec(self, message: Message) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """The state of every base the message names, nothing else."""
-        shapes = {k: (tuple(v.shape), v.dtype) for k, v in self.template.state_dict().items()}
+        shapes = {k: (tuple(v.shape), v.dtype) for k, v in self.template.state_dict().items() if not self._local(k)}
         return {f"{base_prefix(i)}/{k}": s for i in message.meta["bases"] for k, s in shapes.items()}
 
     def aggregate(self, state: Message, replies: dict[int, Message], round: int) -> tuple[Message, dict[str, Any]]:
@@ -182,11 +200,13 @@ class SplitMix(FedAvg):
         return Message(arrays=arrays, meta=dict(state.meta)), metrics
 
     def predictors(self, state: Message, client_state: Message | None = None) -> dict[str, nn.Module]:
-        """The mixed model of every width in ``widths``, widest first (the primary one)."""
+        """The mixed model of every width in ``widths``, widest first (the primary one); with ``local_bn`` and
+        a client state, each base with the client's own norm layers where it has trained that base."""
+        own = personal_overrides(client_state)
         bases = []
         for i in range(self.num_bases):
             base = self.new_base().to(self.ctx.device)
-            base.load_state_dict(state.prefixed(base_prefix(i)))
+            base.load_state_dict({**state.prefixed(base_prefix(i)), **_prefixed(own, base_prefix(i))})
             bases.append(base)
         r = self.params.base_ratio
         return {f"x{w:g}": MixedModel(bases[: round(w / r)]) for w in self.widths}
@@ -195,14 +215,29 @@ class SplitMix(FedAvg):
     def local_training(self, message: Message, client_state: Message, ctx: ClientContext) -> list[LocalTraining]:
         """One plan per base the client received, on one shared batch schedule."""
         plan = super().local_training(message, client_state, ctx)
-        return [dataclasses.replace(plan, init=message.prefixed(base_prefix(i))) for i in message.meta["bases"]]
+        own = personal_overrides(client_state)
+        return [dataclasses.replace(plan, init={**message.prefixed(base_prefix(i)), **_prefixed(own, base_prefix(i))})
+                for i in message.meta["bases"]]
 
     def finish(self, message: Message, result: list[TrainResult], client_state: Message,
                ctx: ClientContext) -> tuple[Message, Message]:
-        """The trained bases under their prefixes; the weight is the client's training size."""
+        """The trained bases under their prefixes (without their norm layers under ``local_bn``: those go to
+        the client state, ``personal/base<i>/…``); the weight is the client's training size."""
         arrays: dict[str, Tensor] = {}
+        own: dict[str, Tensor] = {}
         for i, res in zip(message.meta["bases"], result):
-            arrays |= with_prefix(base_prefix(i), res.state)
+            shared, local = split_state(res.state, self._local)
+            arrays |= with_prefix(base_prefix(i), shared)
+            own |= with_prefix(f"{PERSONAL}/{base_prefix(i)}", local)
         losses = [res.mean_loss for res in result]
-        return Message(arrays=arrays, meta={"num_examples": result[0].num_examples,
-                                            "loss": sum(losses) / len(losses), "steps": result[0].steps}), client_state
+        reply = Message(arrays=arrays, meta={"num_examples": result[0].num_examples,
+                                             "loss": sum(losses) / len(losses), "steps": result[0].steps})
+        if own:
+            client_state = Message(arrays={**client_state.arrays, **own}, meta=dict(client_state.meta))
+        return reply, client_state
+
+
+def _prefixed(arrays: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The entries of ``arrays`` under ``prefix/``, the prefix stripped."""
+    tag = prefix + "/"
+    return {k[len(tag):]: v for k, v in arrays.items() if k.startswith(tag)}

@@ -47,6 +47,20 @@ from fedtrust.registry import get, register
 _BATCH_NORMS: dict[int, type[nn.Module]] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}
 
 
+NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+"""Module types that count as normalization layers (batch, instance, group, layer norm; dual BN's halves)."""
+
+
+def norm_state_keys(model: nn.Module) -> frozenset[str]:
+    """The state-dict keys of every normalization layer of ``model`` (affine γ/β, running statistics and
+    ``num_batches_tracked``): what FedBN-style training keeps on the client."""
+    keys: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, NORM_TYPES):
+            keys |= {f"{name}.{k}" if name else k for k in module.state_dict()}
+    return frozenset(keys)
+
+
 @register("norm", "bn")
 def batch_norm(num_features: int, affine: bool, dims: int = 2) -> nn.Module:
     """Batch norm over ``num_features`` channels (``dims`` 2: BatchNorm2d, 1: BatchNorm1d), with or without γ/β."""

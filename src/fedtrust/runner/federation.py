@@ -154,6 +154,20 @@ def build_normalize(kind: str, dataset: Dataset) -> Callable[[torch.Tensor], tor
     raise ConfigError(f"config key 'data.normalize': unknown {kind!r}; valid: dataset, none")
 
 
+def _local_test_cells(label_hist: np.ndarray, parts: list[np.ndarray], labels: np.ndarray,
+                      domain_ids: np.ndarray | None, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """What personalized evaluation matches a client's local test set on: its label histogram, or on a
+    multi-domain set its (domain, class) histogram, so a client is scored on its own domain's test images
+    (Split-Mix spec §1 "Test data", FedBN's local evaluation); cell = domain · C + class."""
+    test = dataset.test
+    if domain_ids is None or test.domains is None:
+        return label_hist, test.y.cpu().numpy()
+    k, cells = dataset.num_classes, len(dataset.train.domain_names) * dataset.num_classes
+    train_cells = domain_ids * k + labels
+    hist = np.stack([np.bincount(train_cells[p], minlength=cells) for p in parts])
+    return hist, test.domains.cpu().numpy() * k + test.y.cpu().numpy()
+
+
 def build_federation(cfg: RunConfig) -> Federation:
     """Load data, make it long-tailed if asked, partition it, and build the algorithm and executor."""
     device = resolve_device(cfg.device)
@@ -180,7 +194,8 @@ def build_federation(cfg: RunConfig) -> Federation:
     local_test = None
     if cfg.eval.personalized:
         rng = np.random.default_rng([cfg.seed, _LOCAL_TEST_STREAM])
-        local = local_test_indices(np.asarray(stats["label_hist"]), test.y.cpu().numpy(), rng)
+        local = local_test_indices(*_local_test_cells(np.asarray(stats["label_hist"]), parts, labels, domain_ids,
+                                                          dataset), rng)
         local_test = [torch.from_numpy(i).to(device) for i in local]
     root = resolve_data_root(cfg.data.root)
     ood_sets = {name: load_outliers(name, dataset.shape, cfg.eval.num_ood, cfg.seed, root).to(device)
