@@ -153,6 +153,12 @@ def test_auto_picks_vectorized_only_where_it_is_faster():
     assert MIN_CPU_GROUP * state_bytes(big.algorithm.template) > CPU_GROUP_BYTES
     assert big.executor.name == "sequential"
     assert choose_executor(big.algorithm, 2, torch.device("cuda")) == "vectorized"
+    # MNIST-size inputs train one client at a time on a CPU (vmapped convolutions lose there), not on a GPU
+    assert choose_executor(fed.algorithm, 2, "cpu", (1, 8, 8)) == "vectorized"
+    assert choose_executor(fed.algorithm, 2, "cpu", (1, 16, 16)) == "vectorized"
+    assert choose_executor(fed.algorithm, 2, "cpu", (1, 28, 28)) == "sequential"
+    assert choose_executor(fed.algorithm, 2, "cuda", (3, 32, 32)) == "vectorized"
+    assert executor_choice(fed.algorithm, 2, "cpu", (3, 32, 32))[1].startswith("32x32 inputs: on a CPU one client")
 
 
 def test_the_run_says_why_auto_chose_its_executor():

@@ -26,6 +26,8 @@ runs through the sequential path; the run log says so once.
 
 from __future__ import annotations
 
+import math
+
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -265,6 +267,17 @@ MIN_CPU_GROUP = 4
 chunks of 3 CIFAR ``cnn2`` clients the vectorised executor is still 1.2x slower than sequential."""
 
 
+CPU_MAX_PIXELS = 16 * 16
+"""``executor=auto`` on a CPU vectorises only inputs of at most this many pixels (H·W) a channel.
+
+Measured (one torch thread, 100 clients, 10 a round; issue 16's notes): on 8×8 digits vectorising is
+1.3–1.7× faster (benchmarks/results/speed.md); on 28×28 MNIST one client at a time is faster, FedAvg ``cnn``
+about 12 vs 14 s a round and Split-Mix's 8 bases of width 1/8 on MNIST domains 6.5 vs 11.5 s
+(benchmarks/results/hetero_width.md), as on 32×32 CIFAR-10 ``cnn2`` (3.3 vs 4.9 s, speed.md §2b): a vmapped
+convolution is a grouped one, and on a CPU those are slower than one client's batched convolution once the
+feature maps are large. GUESS: 16×16 splits the two measured sizes."""
+
+
 def default_group_bytes(device: torch.device | str) -> int | None:
     """The vectorised executor's group budget on ``device``: :data:`CPU_GROUP_BYTES` on a CPU, none elsewhere."""
     return CPU_GROUP_BYTES if torch.device(device).type == "cpu" else None
@@ -290,17 +303,19 @@ def chunked(items: list, size: int | None) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def choose_executor(algorithm: Algorithm, clients_per_round: int, device: torch.device | str = "cpu") -> str:
+def choose_executor(algorithm: Algorithm, clients_per_round: int, device: torch.device | str = "cpu",
+                    input_shape: tuple[int, ...] | None = None) -> str:
     """``executor=auto``: vectorised when clients train declaratively and several train per
     round, and, on a CPU, :data:`MIN_CPU_GROUP` clients' state fits in
     :data:`CPU_GROUP_BYTES` (bigger models train faster one client at a time there, see
-    :data:`CPU_GROUP_BYTES`). Sequential otherwise. :func:`executor_choice` says why.
+    :data:`CPU_GROUP_BYTES`) and the input (C, H, W) has at most :data:`CPU_MAX_PIXELS` pixels a
+    channel (None: not checked). Sequential otherwise. :func:`executor_choice` says why.
     """
-    return executor_choice(algorithm, clients_per_round, device)[0]
+    return executor_choice(algorithm, clients_per_round, device, input_shape)[0]
 
 
-def executor_choice(algorithm: Algorithm, clients_per_round: int,
-                    device: torch.device | str = "cpu") -> tuple[str, str]:
+def executor_choice(algorithm: Algorithm, clients_per_round: int, device: torch.device | str = "cpu",
+                    input_shape: tuple[int, ...] | None = None) -> tuple[str, str]:
     """:func:`choose_executor`'s pick and the reason, for the run log."""
     if clients_per_round < 2:
         return "sequential", "one client per round"
@@ -313,6 +328,10 @@ def executor_choice(algorithm: Algorithm, clients_per_round: int,
     if not is_declarative(algorithm):
         return "sequential", f"{algorithm.name} has no declarative local training"
     budget = default_group_bytes(device)
+    if budget is not None and input_shape is not None and math.prod(input_shape[-2:]) > CPU_MAX_PIXELS:
+        h, w = input_shape[-2:]
+        return "sequential", (f"{h}x{w} inputs: on a CPU one client at a time is faster than vmapped "
+                              f"convolutions above {CPU_MAX_PIXELS} pixels")
     per_client = state_bytes(algorithm.template)
     mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
     if budget is not None and MIN_CPU_GROUP * per_client > budget:

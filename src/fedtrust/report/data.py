@@ -271,6 +271,10 @@ class RunData:
         """A scalar of the final evaluation, or None."""
         return as_float(self._view(self.final_eval or {}, predictor).get(key))
 
+    def final_raw(self, key: str, predictor: str | None = None) -> Any:
+        """A metric of the final evaluation as recorded (a mapping such as ``cost`` or ``robust``), or None."""
+        return self._view(self.final_eval or {}, predictor).get(key)
+
     def final_list(self, key: str, predictor: str | None = None) -> list[float | None]:
         """A list metric of the final evaluation (``class_acc``, ``client_acc``), nulls as None."""
         return _float_list(self._view(self.final_eval or {}, predictor).get(key))

@@ -36,6 +36,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter, StrMethodFormatter
 
 from fedtrust.ood.metrics import Calibration, calibration
+from fedtrust.report.data import as_float
 
 if TYPE_CHECKING:
     from fedtrust.report.data import EvalScoresData, FlipMasks, RunData
@@ -51,11 +52,14 @@ __all__ = [
     "make_plots",
     "ood_hist_png",
     "partition_png",
+    "predictor_width",
     "reliability",
     "reliability_png",
+    "robust_png",
     "roc_curves",
     "roc_png",
     "score_label",
+    "width_png",
 ]
 
 MAX_HIST_CLIENTS = 50  # the partition histogram shows at most this many clients
@@ -182,6 +186,107 @@ def backdoor_png(runs: Sequence[RunData]) -> bytes | None:
         ax.grid(alpha=0.3)
         _legend(ax)
     return _png(fig)
+
+
+def predictor_width(name: str) -> float | None:
+    """The width of a width predictor (``"x0.25"`` → 0.25: Split-Mix's mixed models, HeteroFL's slices), else
+    None."""
+    if not name.startswith("x"):
+        return None
+    try:
+        width = float(name[1:])
+    except ValueError:
+        return None
+    return width if 0 < width <= 1 else None
+
+
+def _width_points(run: RunData) -> list[tuple[float, float, float | None]]:
+    """(width, final accuracy, MACs or None) of each width predictor of ``run``, narrowest first."""
+    points = []
+    for name in run.predictors:
+        width, acc = predictor_width(name), run.final_value("test_acc", name)
+        if width is not None and acc is not None:
+            cost = run.final_raw("cost", name)
+            macs = as_float(cost.get("macs")) if isinstance(cost, dict) else None
+            points.append((width, acc, macs))
+    return sorted(points)
+
+
+def width_png(runs: Sequence[RunData]) -> bytes | None:
+    """Final accuracy against model width (left) and against the MACs of one forward pass (right, where the
+    run has the ``cost`` evaluator), one line per run over its width predictors. None when no run has two
+    width predictors."""
+    lines = [(i, run, _width_points(run)) for i, run in enumerate(runs)]
+    lines = [(i, run, pts) for i, run, pts in lines if len(pts) > 1]
+    if not lines:
+        return None
+    fig = _figure(11, 4)
+    ax_w, ax_m = fig.subplots(1, 2)
+    for i, run, pts in lines:
+        widths, accs, macs = zip(*pts)
+        ax_w.plot(widths, _pct(accs), color=_color(i), marker="o", markersize=4, label=run.label)
+        if all(m is not None for m in macs):
+            ax_m.plot(macs, _pct(accs), color=_color(i), marker="o", markersize=4, label=run.label)
+    ax_w.set_xscale("log", base=2)
+    ticks = sorted({w for _, _, pts in lines for w, _, _ in pts})
+    ax_w.set_xticks(ticks, [f"{w:g}" for w in ticks])
+    ax_w.xaxis.set_minor_formatter(NullFormatter())
+    ax_w.set(xlabel="width (predictor x<w>)", ylabel="test accuracy (%)", title="accuracy per width")
+    ax_w.grid(alpha=0.3)
+    _legend(ax_w)
+    if ax_m.lines:
+        ax_m.set_xscale("log")
+        ax_m.set(xlabel="MACs of one forward pass (torch.utils.flop_counter)", ylabel="test accuracy (%)",
+                 title="accuracy per cost")
+        ax_m.grid(alpha=0.3)
+        _legend(ax_m)
+    else:
+        _no_data(ax_m, "cost (eval metric `cost`)")
+    return _png(fig)
+
+
+def _robust_sweeps(run: RunData) -> list[tuple[str | None, dict]]:
+    """(predictor, ``robust`` record) of the final evaluation: the flat one, else each predictor's."""
+    names: list[str | None] = [None, *run.predictors]
+    out = []
+    for name in names:
+        sweep = run.final_raw("robust", name)
+        if isinstance(sweep, dict) and sweep.get("mu") and (name is not None or not run.predictors):
+            out.append((name, sweep))
+    return out
+
+
+def robust_png(runs: Sequence[RunData]) -> bytes | None:
+    """Robust (white-box PGD) against clean accuracy at the final evaluation, one line per (run, predictor)
+    through the test-time dual-BN mixes μ (each point labelled with its μ): the trade-off one training buys
+    (Split-Mix spec §4). None without a ``robust_acc`` evaluation."""
+    sweeps = [(i, run, name, sw) for i, run in enumerate(runs) for name, sw in _robust_sweeps(run)]
+    if not sweeps:
+        return None
+    fig = _figure(6.5, 5)
+    ax = fig.subplots()
+    for j, (i, run, name, sw) in enumerate(sweeps):
+        clean, robust = _pct(_float_values(sw.get("clean_acc"))), _pct(_float_values(sw.get("robust_acc")))
+        mus = sw["mu"]
+        label = run.label + (f" · {name}" if name else "")
+        ax.plot(clean, robust, color=_color(i), linestyle=LINESTYLES[j % len(LINESTYLES)], marker="o",
+                markersize=4, label=label)
+        for c, r, mu in zip(clean, robust, mus):
+            if mu is not None and math.isfinite(c) and math.isfinite(r):
+                ax.annotate(f"μ={mu:g}", (c, r), textcoords="offset points", xytext=(4, 4), fontsize="x-small",
+                            color=_color(i))
+    eps = as_float(sweeps[0][3].get("eps"))
+    steps = sweeps[0][3].get("steps")
+    ax.set(xlabel="clean accuracy (%)", ylabel="PGD accuracy (%)",
+           title=f"robust vs clean accuracy per μ (PGD-{steps}, ε = {eps:.3g})" if eps is not None else
+           "robust vs clean accuracy per μ")
+    ax.grid(alpha=0.3)
+    _legend(ax)
+    return _png(fig)
+
+
+def _float_values(values: object) -> list[float]:
+    return [v if v is not None else math.nan for v in (as_float(x) for x in values)] if isinstance(values, list) else []
 
 
 def _mask_panel(ax: Axes, image: np.ndarray, title: str) -> None:
@@ -655,6 +760,12 @@ def make_plots(runs: Sequence[RunData]) -> list[Plot]:
         "reached, else its last step), averaged over the clients that hold the pair (their count above each "
         "panel), with the mean's L1; at most 9 sources, those with the smallest L1. Black 0, white "
         "1." + _flip_caption(runs), flip_masks_png(runs))
+    add("width", "Accuracy per width", "Final test accuracy of each width predictor (Split-Mix's mixed models of "
+        "the first w/r bases, HeteroFL's width-w slices) against its width and against the MACs of one forward "
+        "pass (eval metric `cost`), one line per run.", width_png(runs))
+    add("robust", "Robustness trade-off", "Final evaluation: accuracy under white-box L∞ PGD against clean "
+        "accuracy for each test-time dual-BN mix μ of `eval.robust.mus` (μ = 0 the clean BNs, 1 the adversarial "
+        "ones), one line per run and predictor: one training, every robustness level.", robust_png(runs))
     add("client_acc", "Per-client accuracy", "Personalized accuracy of each client at the final evaluation, "
         "sorted; the dashed line is the mean over clients with a test set.", client_acc_png(runs))
     for k, group in enumerate(_partition_groups(runs)):

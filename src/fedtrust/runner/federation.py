@@ -220,7 +220,7 @@ def build_federation(cfg: RunConfig) -> Federation:
     if root_set is not None:
         algorithm.ctx.defense.root = root_trainer(algorithm, root_set.to(device), cfg.seed, device)
     k = clients_per_round(cfg.data.clients_per_round, cfg.data.num_clients)
-    name, reason = (executor_choice(algorithm, k, device) if cfg.executor == "auto"
+    name, reason = (executor_choice(algorithm, k, device, dataset.shape) if cfg.executor == "auto"
                     else (cfg.executor, "set in the config"))
     executor_cls = get("executor", name)
     extra = {"config": cfg} if "config" in inspect.signature(executor_cls).parameters else {}
