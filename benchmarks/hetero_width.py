@@ -2,7 +2,7 @@
 digits domains: accuracy per width with MACs and parameters, accuracy per domain, Split-Mix + DAT's clean /
 robust trade-off over the test-time mix μ, and the cost of a round with the bases vectorised or one by one.
 
-Reproduce (from the repository root; about 15 min on 2 CPU cores):
+Reproduce (from the repository root; about 30 min on 2 CPU cores):
 
     python benchmarks/hetero_width.py --seeds 0,1,2 --jobs 2
 
@@ -10,20 +10,24 @@ Setup: the presets ``configs/{splitmix,sheterofl,heterofl,fedrolex,fedavg-width}
 rendered as five domains (plain, inverted, MNIST-M-style photo blend, noisy, rotated), two clients per domain
 (domain-major), budgets in contiguous blocks {1/8, 1/4, 1/2, 1} (budget tied to domain, as in the paper's
 Digits setting: plain digits get 1/8, rotated get 1), ``cnn`` of width 32 with batch-statistics BN, 30
-rounds, all clients every round. Robustness: Split-Mix with the ``dat`` objective (λ 0.5,
-PGD-7 at ε = 8/255 in pixel units) on dual-BN bases, scored by ``robust_acc`` at μ ∈ {0, 0.2, 0.5, 0.8, 1}
-(one training of 15 rounds: PGD makes a step about 9× dearer). Timing: the executor=vectorized and executor=sequential runs of the Split-Mix preset, seed 0.
-Results: ``benchmarks/results/hetero_width.md``.
+rounds, all clients every round. Robustness: ``configs/splitmix-dat-digits.yaml`` (one full-width dual-BN net
+trained by DAT, λ 0.5, PGD-7 at ε = 0.2 in pixel units, 15 rounds on bundled digits), scored by ``robust_acc``
+at μ ∈ {0, 0.2, 0.5, 0.8, 1}, every seed. Timing: the Split-Mix preset with executor=vectorized (every
+(client, base) job of a round in one vmapped step) against executor=sequential (one client, and within it one
+base, after another), seed 0, on digits domains (8×8) and on MNIST domains (28×28, 100 clients of ~600
+images, 10 a round). Figures (seed 0): accuracy per width and robust vs clean accuracy per μ, drawn by the
+run report's own plot functions. Results: ``benchmarks/results/hetero_width.md``.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 
-from runpool import Job, REPO, benchmark_parser, md_table, mean_std, run_jobs, total_minutes, with_analysis, \
-    write_results
+from runpool import Job, REPO, RESULTS, benchmark_parser, md_table, mean_std, run_jobs, shared_data_available, \
+    total_minutes, with_analysis, write_results
 
 METHODS = {
     "splitmix": ("Split-Mix", "splitmix-digits-domains.yaml"),
@@ -34,13 +38,24 @@ METHODS = {
 }
 WIDTHS = (0.125, 0.25, 0.5, 1.0)
 DOMAINS = ("plain", "inverted", "mnist_m", "noisy", "rotated")
-DAT = ("objective.name=dat", "objective.lam=0.5", "model.norm=dual_bn", "algorithm.rescale_layer=false",
-       "eval.metrics=[accuracy,robust_acc]", "eval.robust.num_samples=500")
+MUS = (0.0, 0.2, 0.5, 0.8, 1.0)
+TIMING_ROUNDS = 4
+TIMING = {"digits domains (8×8, 10 clients, all per round)": ["eval.metrics=[accuracy]"],
+          "MNIST domains (28×28, 100 clients, 10 per round)": [
+              "data.dataset=mnist_domains", f"data.root={REPO.parent / 'shared' / 'data'}", "data.num_clients=100",
+              "data.clients_per_round=10", "eval.metrics=[accuracy]"]}
 
 
 def final(job: Job) -> dict:
     records = [json.loads(line) for line in (job.out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return next(r for r in reversed(records) if "test_acc" in r)
+
+
+def round_seconds(job: Job) -> float:
+    """Median wall seconds of a run's rounds that did not evaluate (``time_s`` is cumulative)."""
+    records = [json.loads(line) for line in (job.out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    times = [0.0, *(r["time_s"] for r in records)]
+    return statistics.median(b - a for a, b, r in zip(times, times[1:], records) if "test_acc" not in r)
 
 
 def per_width(record: dict, width: float) -> dict | None:
@@ -57,13 +72,14 @@ def main() -> None:
     work = Path(args.work)
     jobs = {(m, s): Job(f"{m}-s{s}", REPO / "configs" / cfg, [f"seed={s}", "eval.every=30", "checkpoint_every=0"],
                         work / f"{m}-s{s}") for m, (_, cfg) in METHODS.items() for s in seeds}
-    jobs["dat", 0] = Job("splitmix-dat-s0", REPO / "configs" / METHODS["splitmix"][1],
-                         ["seed=0", "rounds=15", "eval.every=15", "checkpoint_every=0", *DAT],
-                         work / "splitmix-dat-s0")
-    timing = {ex: Job(f"splitmix-{ex}", REPO / "configs" / METHODS["splitmix"][1],
-                      ["seed=0", "rounds=4", "eval.every=4", "checkpoint_every=0", f"executor={ex}"],
-                      work / f"timing-{ex}") for ex in ("vectorized", "sequential")}
-    every = [*jobs.values()]
+    dat = {s: Job(f"splitmix-dat-s{s}", REPO / "configs" / "splitmix-dat-digits.yaml",
+                  [f"seed={s}", "eval.every=15", "checkpoint_every=0"], work / f"dat-s{s}") for s in seeds}
+    timing = {(where, ex): Job(f"splitmix-{ex}-{k}", REPO / "configs" / METHODS["splitmix"][1],
+                               ["seed=0", f"rounds={TIMING_ROUNDS}", f"eval.every={TIMING_ROUNDS}", "checkpoint_every=0",
+                                f"executor={ex}", *over], work / f"timing{k}-{ex}")
+              for k, (where, over) in enumerate(TIMING.items()) for ex in ("vectorized", "sequential")
+              if k == 0 or shared_data_available("mnist")}
+    every = [*jobs.values(), *dat.values()]
     todo = sum(not j.done() for j in every)
     start = time.time()
     run_jobs(every, args.jobs)
@@ -104,18 +120,36 @@ def main() -> None:
               *md_table(["method", "width", "plain (1/8)", "inverted (1/4)", "mnist_m (1/2)", "noisy (1/2, 1)",
                          "rotated (1)"], rows, 2)]
 
-    dat = final(jobs["dat", 0]).get("robust") or final(jobs["dat", 0]).get("by_predictor", {}).get("x1", {}).get("robust")
-    if dat:
-        rows = [[f"{mu:g}", f"{100 * c:.1f}", f"{100 * r:.1f}"] for mu, c, r in
-                zip(dat["mu"], dat["clean_acc"], dat["robust_acc"])]
-        lines += ["", "## Robustness: Split-Mix + DAT, one training of 15 rounds, test-time mix μ (x1, seed 0)", "",
-                  f"PGD-{dat['steps']} at ε = {dat['eps']:.4f} (pixel units), {dat['samples']} test images.", "",
-                  *md_table(["μ", "clean acc", "PGD acc"], rows)]
+    sweeps = [final(dat[s]).get("robust") for s in seeds]
+    rows = [[f"{mu:g}", mean_std([sw["clean_acc"][i] for sw in sweeps]), mean_std([sw["robust_acc"][i] for sw in sweeps])]
+            for i, mu in enumerate(sweeps[0]["mu"])]
+    lines += ["", "## Robustness: one DAT training, test-time BN mix μ (configs/splitmix-dat-digits.yaml)", "",
+              f"One full-width dual-BN `cnn` (width 32) per seed, DAT λ 0.5, 15 rounds on bundled digits (10 IID "
+              f"clients); white-box PGD-{sweeps[0]['steps']} at ε = {sweeps[0]['eps']:g} (pixel units, random start) "
+              f"against the μ-mixed model, {sweeps[0]['samples']} test images; accuracy in % over seeds {args.seeds}.",
+              "", *md_table(["μ", "clean acc", "PGD acc"], rows)]
 
-    t = {ex: j.summary().get("wall_time_s") for ex, j in timing.items()}
-    lines += ["", "## Time per round: bases vectorised against one base at a time (Split-Mix preset, 4 rounds)", "",
-              *md_table(["executor", "wall time (s, 4 rounds incl. evaluation)"],
-                        [[ex, f"{v:.1f}" if v else "—"] for ex, v in t.items()])]
+    rows = []
+    for where in TIMING:
+        per = {ex: round_seconds(timing[where, ex]) for ex in ("vectorized", "sequential") if (where, ex) in timing}
+        if len(per) == 2:
+            rows.append([where, f"{per['vectorized']:.2f}", f"{per['sequential']:.2f}",
+                         f"{per['sequential'] / per['vectorized']:.2f}×"])
+    lines += ["", "## Time per round: bases vectorised against one base at a time (Split-Mix preset, seed 0)", "",
+              f"Median seconds of the {TIMING_ROUNDS - 1} training rounds without evaluation, one torch thread, "
+              "runs one at a time. Vectorised: every (client, base) job of the round in one vmapped step; "
+              "sequential: one client after another, its bases one after another on each batch. `executor=auto` "
+              "picks sequential on a CPU for images above 16×16 (fedtrust.fl.vectorized.CPU_MAX_PIXELS).", "",
+              *md_table(["data", "vectorised (s)", "one at a time (s)", "vectorised speed-up"], rows)]
+
+    from fedtrust.report import load_run, plots
+    figures = {"hetero_width-accuracy.png": plots.width_png([load_run(jobs[m, seeds[0]].out) for m in METHODS]),
+               "hetero_width-robust.png": plots.robust_png([load_run(dat[seeds[0]].out)])}
+    lines += ["", f"## Figures (seed {seeds[0]}; the run report's plots)", ""]
+    for name, png in figures.items():
+        if png is not None:
+            (RESULTS / name).write_bytes(png)
+            lines += [f"![{name}]({name})", ""]
     write_results("hetero_width.md", with_analysis(lines, args.analysis))
 
 
