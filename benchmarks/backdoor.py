@@ -290,6 +290,11 @@ class Plan:
     runs: dict[tuple[str, str, int], Job]  # (attack, run key, seed)
     work: Path
 
+    @property
+    def attacks(self) -> list[str]:
+        """The attacks this data set runs, in the order given."""
+        return list(dict.fromkeys(a for a, _, _ in self.runs))
+
     def norm_clip(self) -> tuple[float, float]:
         """Norm clipping's (M, σ) from the calibration run (module docstring)."""
         import numpy as np
@@ -495,13 +500,13 @@ def asr_plot(plan: Plan, attack: str, rows: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
-def cost_lines(plans: dict[str, Plan], attacks: list[str], runs: list[str]) -> list[str]:
+def cost_lines(plans: dict[str, Plan], runs: list[str]) -> list[str]:
     """FLIP's seconds per round against FedAvg's (the "none" row), per data set and attack."""
     if "flip" not in runs or "fedavg" not in runs:
         return []
     body = []
     for d, p in plans.items():
-        for attack in attacks:
+        for attack in p.attacks:
             avg = [seconds_per_round(p.runs[attack, "fedavg", s].out) for s in p.seeds]
             flip = [seconds_per_round(p.runs[attack, "flip", s].out) for s in p.seeds]
             ratio = statistics.mean(x for x in flip if x) / statistics.mean(x for x in avg if x)
@@ -610,6 +615,8 @@ def parse_args():
     parser.add_argument("--defenses", help=f"run keys, comma-separated (default {DEFAULTS['defenses']}; `flip` "
                                            "gives both FLIP rows)")
     parser.add_argument("--attacks", help=f"comma-separated (default {DEFAULTS['attacks']})")
+    parser.add_argument("--attacks-mnist", help="attacks on MNIST and Fashion-MNIST, comma-separated (default: "
+                                                "those of --attacks)")
     parser.add_argument("--rounds-mnist", type=int, help=f"attack rounds on MNIST and Fashion-MNIST (default "
                                                          f"{DEFAULTS['rounds_mnist']})")
     parser.add_argument("--runs-per-process", type=int, default=RUNS_PER_PROCESS,
@@ -627,6 +634,8 @@ def parse_args():
     for key in ("seeds", "datasets", "defenses", "attacks", "rounds_mnist"):  # explicit > --quick > default
         if getattr(args, key) is None:
             setattr(args, key, (QUICK if args.quick else DEFAULTS)[key])
+    if args.attacks_mnist is None:
+        args.attacks_mnist = args.attacks
     if args.speed_steps is None:
         args.speed_steps = 10 if args.quick else 50
     if args.quick and args.work == "runs/bench-backdoor":
@@ -691,6 +700,7 @@ def main() -> None:
     seeds = [int(x) for x in args.seeds.split(",")]
     runs = chosen(args.defenses, list(RUNS), "defense")
     attacks = chosen(args.attacks, list(ATTACKS), "attack")
+    attacks_mnist = chosen(args.attacks_mnist, list(ATTACKS), "attack")
     rows = [r for r in ROWS if r.run in runs]
     all_settings = settings(args.quick, args.rounds_mnist)
     notes, plans = [], {}
@@ -701,7 +711,8 @@ def main() -> None:
             print(note[2:], flush=True)
             notes.append(note)
             continue
-        plans[d] = plan_for(all_settings[d], seeds, attacks, runs, Path(args.work))
+        plans[d] = plan_for(all_settings[d], seeds, attacks if d == "digits" else attacks_mnist, runs,
+                            Path(args.work))
     if not plans:
         raise SystemExit("no data set to run")
 
@@ -723,16 +734,17 @@ def main() -> None:
 
     cmd = (f"python benchmarks/backdoor.py --seeds {args.seeds} --jobs {args.jobs} --datasets {args.datasets} "
            f"--defenses {','.join(runs)} --attacks {','.join(attacks)} --rounds-mnist {args.rounds_mnist}"
+           + (f" --attacks-mnist {','.join(attacks_mnist)}" if attacks_mnist != attacks else "")
            + (" --quick" if args.quick else ""))
     lines = header_lines(args, plans, every, todo, elapsed_min, cmd, notes, clips)
     for d, p in plans.items():
         lines += ["", f"## {p.setting.title}"]
-        for attack in attacks:
+        for attack in p.attacks:
             png = f"{name}-{d}-{attack}.png"
             asr_plot(p, attack, rows, RESULTS / png)
             lines += ["", f"### {ATTACKS[attack].title}", "", *table(p, attack, rows), "",
                       f"![{d}, {ATTACKS[attack].title}: ASR per round]({png})"]
-    lines += cost_lines(plans, attacks, runs)
+    lines += cost_lines(plans, runs)
     if not args.no_speed:
         lines += speed_lines(args.speed_steps, args.speed_repeats)
     write_results(f"{name}.md", lines if args.quick else with_analysis(lines, args.analysis))

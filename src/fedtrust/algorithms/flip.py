@@ -29,6 +29,11 @@ batches, ``train.drop_last``), at most ``max_steps`` of them:
   one Adam step, CE on the true labels over the whole batch. ``mat_diff[s, t]`` ← (mat_diff[s, t] + g)/2
   with g = (new − old)/old the relative growth of the pair's mask L1.
 
+A received model whose eval-mode logits are not finite (a γ-scaled model replacement can leave negative BN
+running variances) is not inverted on: the client takes plain Adam steps on its clean batches that round
+(``flip_unsound`` in the reply's meta), a step whose loss is not finite is skipped, and a non-finite trigger is
+never cached (:meth:`_Hardening.sound`).
+
 The hardening is a client program (:mod:`fedtrust.fl.programs`): each inversion is an
 :class:`~fedtrust.robust.inversion.InversionJob` request (the primitive of ``invert_trigger`` and
 ``invert_pair``), so the vectorised executor solves a round's inversions of one shape together, and every
