@@ -54,3 +54,20 @@ def test_aggregator_state_lives_in_the_server_state_and_carries_across_rounds():
     fresh, _ = defense.merge(Message({k: v for k, v in merged.arrays.items() if not k.startswith("defense/")}),
                              replies, ["model"], round=2)
     assert not torch.equal(again.arrays["model/w"], fresh.arrays["model/w"])  # the stored aggregate was used
+
+
+def test_uniform_weights_every_reply_alike_for_any_aggregator():
+    """FLIP's server (spec flip.md §3): (1/n)·Σ Δ_i whatever the sample counts, and the same 1/n weights for a
+    robust aggregator behind it (norm clipping's clipped mean). Rules out: the weighted mean, uniform reaching
+    only the plain mean (FLIP behind another aggregator would silently weight by sample count), and
+    ``uniform`` taking the bit-exact FedAvg shortcut."""
+    replies = replies_of({0: [2.0, 5.0], 1: [3.0, 1.0], 2: [4.0, 3.0]}, {0: 1, 1: 2, 2: 3})
+    # updates [1, 4], [2, 0], [3, 2]: uniform mean [2, 2]; the sample-weighted one [14/6, 10/6]
+    arrays, metrics = Defense(uniform=True).average(STATE, replies, "model/", round=1)
+    assert torch.allclose(arrays["model/w"], torch.tensor([3.0, 3.0]))
+    assert metrics["aggregator/model"]["weights"] == {0: 1 / 3, 1: 1 / 3, 2: 1 / 3}
+    weighted, _ = Defense().average(STATE, replies, "model/", round=1)
+    assert torch.allclose(weighted["model/w"], torch.tensor([1 + 14 / 6, 1 + 10 / 6]))
+    clip = build_aggregator("norm_clipping", {"clip": 1e9, "noise": 0.0})
+    clipped, m = Defense(aggregator=clip, uniform=True).average(STATE, replies, "model/", round=1)
+    assert torch.allclose(clipped["model/w"], torch.tensor([3.0, 3.0]))

@@ -90,14 +90,6 @@ def test_mean_is_the_sample_weighted_mean() -> None:
     assert agg.metrics["weights"] == pytest.approx({0: 1 / 6, 1: 2 / 6, 2: 3 / 6})
 
 
-def test_uniform_mean_ignores_the_sample_counts() -> None:
-    """FLIP's server (spec flip.md §3): (1/n)·Σ Δ_i = [2, 2] whatever the weights; rules out the weighted mean."""
-    updates = _updates([[1.0, 4.0], [2.0, 0.0], [3.0, 2.0]], [1.0, 2.0, 3.0])
-    agg, _ = _run("mean", updates, uniform=True)
-    assert torch.allclose(agg.delta, torch.tensor([2.0, 2.0], dtype=torch.float64))
-    assert agg.metrics["weights"] == pytest.approx({0: 1 / 3, 1: 1 / 3, 2: 1 / 3})
-
-
 def test_median_of_five_vectors_is_coordinate_wise() -> None:
     """Columns sorted: (−7, 1, 2, 3, 100) → 2 and (−100, 2, 3, 4, 5) → 3. Rules out the median over the wrong
     axis (a (5,) result), the row with the median norm, and the mean ([19.8, −17.2])."""

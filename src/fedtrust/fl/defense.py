@@ -52,6 +52,8 @@ class Defense:
 
     aggregator: Aggregator = field(default_factory=Mean)
     server_lr: float = 1.0
+    uniform: bool = False
+    """Weight every reply alike (1/n) instead of by its sample count, whatever the aggregator (FLIP's server)."""
     max_update_norm: float | None = None
     min_replies: int = 1
     seed: int = 0
@@ -61,7 +63,7 @@ class Defense:
     @property
     def is_plain_mean(self) -> bool:
         """True when averaging is FedAvg's weighted mean, bit for bit."""
-        return type(self.aggregator) is Mean and self.server_lr == 1.0
+        return type(self.aggregator) is Mean and self.server_lr == 1.0 and not self.uniform
 
     def average(self, state: Message, replies: Mapping[int, Message], prefix: str, round: int,
                 bn_aggregation: str = "mean") -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -111,7 +113,7 @@ class Defense:
 
     def _updates(self, state: Message, replies: Mapping[int, Message], keys: list[str]) -> Updates:
         ids = sorted(replies)
-        weights = reply_weights(replies)
+        weights = {c: 1.0 for c in replies} if self.uniform else reply_weights(replies)
         base = flatten(state.arrays, keys).double()
         deltas = torch.stack([flatten(replies[c].arrays, keys).double() - base for c in ids])
         return Updates(deltas, torch.tensor([weights[c] for c in ids], dtype=torch.float64), tuple(ids))

@@ -175,19 +175,14 @@ def build_aggregator(name: str, params: dict[str, Any] | None = None) -> Aggrega
 class Mean(Aggregator):
     """Sample-weighted mean Σ_i w_i Δ_i / Σ_i w_i (FedAvg, McMahan et al. 2017, Alg. 1); not robust.
 
-    ``uniform``: the plain mean (1/n)·Σ_i Δ_i, every reply weighted alike (FLIP's server, spec flip.md §3,
+    With ``defense.uniform`` every w_i is 1: the plain mean (1/n)·Σ_i Δ_i (FLIP's server, spec flip.md §3,
     which ignores the sample counts)."""
 
     name = "mean"
 
-    class Params(Aggregator.Params):
-        uniform: bool = Field(False, description="weight every reply 1/n instead of by its sample count "
-                                                 "(FLIP's server)")
-
     def __call__(self, updates: Updates, state: dict[str, Tensor], generator: torch.Generator,
                  root: Tensor | None = None) -> tuple[Aggregate, dict[str, Tensor]]:
-        shares = (torch.full_like(updates.weights, 1.0 / len(updates.weights)) if self.params.uniform
-                  else _shares(updates))
+        shares = _shares(updates)
         return Aggregate(_combine(shares, updates.deltas), _metrics(updates.ids, shares)), dict(state)
 
 

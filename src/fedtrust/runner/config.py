@@ -300,6 +300,8 @@ class DefenseConfig(BaseModel):
                                                 "of the section are its params")
     server_lr: float = Field(1.0, gt=0, description="server learning rate η_s on the aggregated update "
                                                     "(θ ← θ + η_s·agg(Δ))")
+    uniform: bool = Field(False, description="weight every reply alike (1/n) instead of by its sample count, for "
+                                             "any aggregator (FLIP's server, spec flip.md §3)")
     max_update_norm: float | None = Field(None, gt=0, description="reject replies whose update norm exceeds this; "
                                                                   "null: no bound")
     min_replies: int = Field(1, ge=1, description="a round with fewer valid replies keeps the previous server state")

@@ -301,7 +301,7 @@ def build_defense(cfg: RunConfig) -> Defense:
     """The ``defense`` section as the server's :class:`~fedtrust.fl.defense.Defense`."""
     d = cfg.defense
     return Defense(aggregator=build_aggregator(d.aggregator, d.params()), server_lr=d.server_lr,
-                   max_update_norm=d.max_update_norm, min_replies=d.min_replies, seed=cfg.seed)
+                   uniform=d.uniform, max_update_norm=d.max_update_norm, min_replies=d.min_replies, seed=cfg.seed)
 
 
 def asr_trigger(attack: Attack | None, image_shape: tuple[int, ...]) -> tuple[Stamper, int] | None:
