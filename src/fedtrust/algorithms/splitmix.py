@@ -103,6 +103,9 @@ class SplitMix(FedAvg):
 
     def __init__(self, params: Params, ctx: Any) -> None:
         super().__init__(params, ctx)
+        # with local_bn each client is scored with its own norm layers (personalized evaluation); the class
+        # attribute stays False, the default configuration's
+        self.personalized = params.local_bn  # type: ignore[misc]
         r = params.base_ratio
         for w in self.widths:
             if not (0 < w <= 1) or abs(round(w / r) * r - w) > 1e-6:
@@ -125,11 +128,6 @@ class SplitMix(FedAvg):
             return sorted(self.params.widths, reverse=True)
         doubling = [r * 2 ** j for j in range(round(1 / r).bit_length()) if r * 2 ** j <= 1 + _TOLERANCE]
         return sorted({*doubling, 1.0}, reverse=True)
-
-    @property
-    def personalized(self) -> bool:  # type: ignore[override]
-        """With ``local_bn`` each client is scored with its own norm layers (personalized evaluation)."""
-        return self.params.local_bn
 
     @functools.cached_property
     def _norm_keys(self) -> frozenset[str]:
