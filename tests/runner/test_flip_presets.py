@@ -46,7 +46,7 @@ def test_preset_has_flips_settings(ds: str, mode: str) -> None:
         100, 10, "dirichlet", 0.5)
     assert (cfg.data.normalize, cfg.data.augment) == ("none", "none")  # FLIP: [0, 1] inputs, no augmentation
     assert cfg.defense.server_lr == 0.1 and cfg.defense.aggregator == "mean"
-    assert (cfg.defense.model_extra or {}).get("uniform") is True, "FLIP's server mean is unweighted (§3)"
+    assert cfg.defense.uniform is True, "FLIP's server mean is unweighted (§3)"
     milestones = cfg.attack.params().get("lr_milestones")
     assert milestones == (None if ds == "cifar10" else [0.2, 0.8]), "MultiStepLR x0.1 at 20 %/80 % (§1; off on CIFAR)"
 
