@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 import uuid
 from typing import Any
 
@@ -84,3 +85,55 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 def loopback_grid(task_identity: None) -> Callable[..., LoopbackGrid]:
     """``loopback_grid(client_app, node_configs, run_config=None, silent=())``."""
     return LoopbackGrid
+
+
+@dataclass
+class SideBySide:
+    """One federation run twice from the same seed: on the sequential executor and on a loopback Flower grid."""
+
+    expected: Any  # the sequential executor's final ServerState
+    store: Any  # the sequential run's ClientStore (client states kept on the server side)
+    state: Any  # the Flower executor's final ServerState
+    cfg: Any  # the Flower run's RunConfig
+    fed: Any  # the Flower run's Federation
+    grid: LoopbackGrid
+
+    def assert_equal_weights(self) -> None:
+        """The Flower run's arrays equal the sequential run's, bit for bit, key for key."""
+        import torch
+
+        assert self.state.arrays.keys() == self.expected.arrays.keys()
+        for k, v in self.expected.arrays.items():
+            assert torch.equal(self.state.arrays[k], v), k
+
+
+@pytest.fixture
+def sequential_and_flower(loopback_grid: Callable[..., LoopbackGrid]) -> Callable[..., SideBySide]:
+    """``sequential_and_flower(args, nodes, rounds, recorders=())``: the run of ``args`` (config overrides) for
+    ``rounds`` rounds on executor=sequential and on executor=flower over a loopback grid of ``nodes`` (node id
+    → node config), both from ``torch.manual_seed(0)``; ``recorders`` watch the Flower run."""
+    import torch
+
+    from fedtrust.fl.executor import ClientStore
+    from fedtrust.flower.app_config import FlowerSettings, config_table, flatten
+    from fedtrust.flower.client_app import make_client_app
+    from fedtrust.flower.executor import bind_grid
+    from fedtrust.runner.config import build_config
+    from fedtrust.runner.federation import build_federation
+
+    def run(args: list[str], nodes: Mapping[int, Mapping[str, Any]], rounds: int,
+            recorders: Iterable[Any] = ()) -> SideBySide:
+        seq = build_federation(build_config({}, [*args, "executor=sequential"]))
+        torch.manual_seed(0)
+        store = ClientStore()
+        expected = seq.executor.run(seq.algorithm.init(), store, 0, rounds)
+
+        cfg = build_config({}, [*args, "executor=flower"])
+        fed = build_federation(cfg)
+        grid = loopback_grid(make_client_app(), nodes, flatten(config_table(cfg)))  # config from the run config
+        torch.manual_seed(0)
+        with bind_grid(grid, FlowerSettings()):
+            state = fed.executor.run(fed.algorithm.init(), ClientStore(), 0, rounds, list(recorders))
+        return SideBySide(expected, store, state, cfg, fed, grid)
+
+    return run

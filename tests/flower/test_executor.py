@@ -50,22 +50,12 @@ def fail_on(plan: dict[int, set[int]]):
     return mod
 
 
-def test_flower_rounds_equal_sequential_rounds_bit_for_bit(loopback_grid):
-    seq = build_federation(build_config({}, ARGS + ["executor=sequential", "algorithm.name=fedprox"]))
-    torch.manual_seed(0)
-    expected = seq.executor.run(seq.algorithm.init(), ClientStore(), 0, 3)
-
-    cfg = build_config({}, ARGS + ["executor=flower", "algorithm.name=fedprox"])
-    fed = build_federation(cfg)
-    assert isinstance(fed.executor, FlowerExecutor) and fed.executor.config == cfg
-    grid = loopback_grid(make_client_app(), NODES, run_config(cfg))  # deployment path: config from run config
-    torch.manual_seed(0)
+def test_flower_rounds_equal_sequential_rounds_bit_for_bit(sequential_and_flower):
     recorder = Recorder()
-    with bind_grid(grid, FlowerSettings()):
-        state = fed.executor.run(fed.algorithm.init(), ClientStore(), 0, 3, [recorder])
-    assert state.arrays.keys() == expected.arrays.keys()
-    for k, v in expected.arrays.items():
-        assert torch.equal(state.arrays[k], v), k
+    run = sequential_and_flower(ARGS + ["algorithm.name=fedprox"], NODES, 3, [recorder])
+    fed, grid = run.fed, run.grid
+    assert isinstance(fed.executor, FlowerExecutor) and fed.executor.config == run.cfg
+    run.assert_equal_weights()
     assert [r.clients for r in recorder.reports] == [sorted(r.reply_meta) for r in recorder.reports]
     train = [m for m in grid.sent if m.metadata.message_type == "train"]
     assert len(train) == 9 and {m.metadata.dst_node_id for m in train} <= set(NODES)
@@ -76,24 +66,14 @@ FLIP = ["algorithm.name=flip", "algorithm.warmup_steps=20", "algorithm.pair_step
         "algorithm.tau_inv=0.3", "attack.name=backdoor", "attack.ids=[2]", "attack.force=true"]
 
 
-def test_flip_on_flower_equals_sequential_and_keeps_its_state_on_the_node(loopback_grid):
+def test_flip_on_flower_equals_sequential_and_keeps_its_state_on_the_node(sequential_and_flower):
     """FLIP's hardening (its inversion state per client) and a DBA attacker: the Flower executor gives the
     sequential executor's weights bit for bit, the FLIP state stays in each node's context and is never
     sent. Rules out FLIP state kept on the server side under Flower (a node would warm up every round and
     the weights would differ) or shipped in the replies."""
-    seq = build_federation(build_config({}, ARGS + FLIP + ["executor=sequential"]))
-    torch.manual_seed(0)
-    store = ClientStore()
-    expected = seq.executor.run(seq.algorithm.init(), store, 0, 3)
-
-    cfg = build_config({}, ARGS + FLIP + ["executor=flower"])
-    fed = build_federation(cfg)
-    grid = loopback_grid(make_client_app(), NODES, run_config(cfg))
-    torch.manual_seed(0)
-    with bind_grid(grid, FlowerSettings()):
-        state = fed.executor.run(fed.algorithm.init(), ClientStore(), 0, 3)
-    for k, v in expected.arrays.items():
-        assert torch.equal(state.arrays[k], v), k
+    run = sequential_and_flower(ARGS + FLIP, NODES, 3)
+    run.assert_equal_weights()
+    grid, store = run.grid, run.store
     replied = [key for m in grid.received if m.has_content() for rec in m.content.array_records.values()
                for key in rec.keys()]
     assert replied and not any("flip" in key for key in replied), "FLIP state left the node"

@@ -8,18 +8,11 @@ one; the step-2 effect is tests/algorithms/test_isbc.py's).
 from __future__ import annotations
 
 import pytest
-import torch
 
 pytest.importorskip("flwr", reason="Flower not installed: pip install 'fedtrust[flower]'")
 
-from fedtrust.fl.executor import ClientStore  # noqa: E402
-from fedtrust.flower.app_config import FlowerSettings, config_table, flatten  # noqa: E402
-from fedtrust.flower.client_app import make_client_app  # noqa: E402
-from fedtrust.flower.executor import bind_grid  # noqa: E402
 from fedtrust.flower.records import from_records  # noqa: E402
 from fedtrust.models.split import split_model  # noqa: E402
-from fedtrust.runner.config import build_config  # noqa: E402
-from fedtrust.runner.federation import build_federation  # noqa: E402
 
 ARGS = ["algorithm.name=isbc", "data.num_clients=4", "data.clients_per_round=3", "rounds=2", "model.width=8",
         "eval.personalized=false", "data.outliers=photos", "data.num_outliers=300", "algorithm.pool=2",
@@ -27,20 +20,10 @@ ARGS = ["algorithm.name=isbc", "data.num_clients=4", "data.clients_per_round=3",
 NODES = {200 + k: {"partition-id": k, "num-partitions": 4} for k in range(4)}
 
 
-def test_isbc_on_flower_equals_sequential_and_sends_no_image(loopback_grid):
-    seq = build_federation(build_config({}, [*ARGS, "executor=sequential"]))
-    torch.manual_seed(0)
-    expected = seq.executor.run(seq.algorithm.init(), ClientStore(), 0, 2)
-
-    cfg = build_config({}, [*ARGS, "executor=flower"])
-    fed = build_federation(cfg)
-    grid = loopback_grid(make_client_app(), NODES, flatten(config_table(cfg)))
-    torch.manual_seed(0)
-    with bind_grid(grid, FlowerSettings()):
-        state = fed.executor.run(fed.algorithm.init(), ClientStore(), 0, 2)
-    assert state.arrays.keys() == expected.arrays.keys()
-    for k, v in expected.arrays.items():
-        assert torch.equal(state.arrays[k], v), k
+def test_isbc_on_flower_equals_sequential_and_sends_no_image(sequential_and_flower):
+    run = sequential_and_flower(ARGS, NODES, 2)
+    run.assert_equal_weights()
+    fed, grid = run.fed, run.grid
 
     image = tuple(fed.dataset.train.x.shape[1:])
     front = {f"model/{k}" for k in split_model(fed.algorithm.template).front_keys}

@@ -9,14 +9,8 @@ import torch
 
 pytest.importorskip("flwr", reason="Flower not installed: pip install 'fedtrust[flower]'")
 
-from fedtrust.fl.executor import ClientStore  # noqa: E402
-from fedtrust.flower.app_config import FlowerSettings, config_table, flatten  # noqa: E402
-from fedtrust.flower.client_app import make_client_app  # noqa: E402
-from fedtrust.flower.executor import bind_grid  # noqa: E402
 from fedtrust.flower.records import from_records  # noqa: E402
 from fedtrust.models.norms import norm_state_keys  # noqa: E402
-from fedtrust.runner.config import build_config  # noqa: E402
-from fedtrust.runner.federation import build_federation  # noqa: E402
 
 COMMON = ["data.dataset=digits_domains", "data.partition=domains", "data.num_clients=5", "data.clients_per_round=4",
           "model.width=8", "eval.personalized=false", "train.steps=3", "budget.distribution=blocks",
@@ -32,22 +26,11 @@ NODES = {300 + k: {"partition-id": k, "num-partitions": 5} for k in range(5)}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_width_methods_on_flower_equal_sequential(name, loopback_grid):
-    args = [*COMMON, *CASES[name], "rounds=2"]
-    seq = build_federation(build_config({}, [*args, "executor=sequential"]))
-    torch.manual_seed(0)
-    expected = seq.executor.run(seq.algorithm.init(), ClientStore(), 0, 2)
-
-    cfg = build_config({}, [*args, "executor=flower"])
-    fed = build_federation(cfg)
-    grid = loopback_grid(make_client_app(), NODES, flatten(config_table(cfg)))
-    torch.manual_seed(0)
-    with bind_grid(grid, FlowerSettings()):
-        state = fed.executor.run(fed.algorithm.init(), ClientStore(), 0, 2)
-    assert state.arrays.keys() == expected.arrays.keys()
-    for k, v in expected.arrays.items():
-        assert torch.equal(state.arrays[k], v), k
-    moved = [k for k in expected.arrays if not torch.equal(expected.arrays[k], seq.algorithm.init().arrays[k])]
+def test_width_methods_on_flower_equal_sequential(name, sequential_and_flower):
+    run = sequential_and_flower([*COMMON, *CASES[name], "rounds=2"], NODES, 2)
+    run.assert_equal_weights()
+    fed, grid, expected = run.fed, run.grid, run.expected
+    moved = [k for k in expected.arrays if not torch.equal(expected.arrays[k], fed.algorithm.init().arrays[k])]
     assert moved
 
     replies = [(m.metadata.src_node_id - 300, from_records(m.content)) for m in grid.received
