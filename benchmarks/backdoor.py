@@ -101,11 +101,19 @@ Data sets:
   per-step costs below, not from runs, as the presets did not exist when this was written): pre-training 10
   rounds of 10 local steps; 8 attack rounds (single-shot: at least 4 after its last scheduled attack; FLIP:
   100 MNIST rounds); benign FedAvg clients 5 local steps (``train.steps=5``; the attackers keep the preset's
-  epochs); FLIP's hardening at most 10 batches a round (``algorithm.max_steps``; FLIP 110) with 30 / 15 / 5
-  inversion steps (warm-up / pair / refine; FLIP 400 / 200 / 50); evaluation every 2 rounds, batch 500; server
+  epochs); FLIP's hardening 5 batches a round (``train.steps``, below ``algorithm.max_steps`` = 10; FLIP 110)
+  with 100 / 100 / 25 inversion steps (warm-up / pair / refine, ``--flip-steps-mnist``; FLIP 400 / 200 / 50);
+  evaluation every 2 rounds, batch 500; server
   lr η = 1 (``defense.server_lr=1``; FLIP's 0.1 kept the uniform mean): at η = 0.1 eight rounds move neither
   the model nor the backdoor (session 28, continuous DBA, 3 seeds: FedAvg's final ASR 2.2 ± 0.5 % at 87.8 %
   clean accuracy, every defense alike), while at η = 1 FedAvg's ASR reaches 98.8 % by round 8 (seed 0).
+  MNIST_STEPS (session 29): FLIP starts a mask at m ≈ 0.5 everywhere (L1 ≈ 392 px of 784) and a trigger
+  reaches τ_inv long before it is small, so the step count decides whether a trigger gets under the skip size
+  H·W/8 = 98 px. Measured on the seed-0 pre-trained lenet (89 % clean), warm-up trigger of 9 exemplars to
+  target 2 / 7: 150 / 249 px after 30 steps, 45 / 84 after 100, 42 / 81 after 200, 41 / 81 after 400. With
+  session 28's 30 / 15 / 5 every hardening batch was skipped (``flip_skipped`` = all 50 of a round, 0 Adam
+  steps): FLIP's benign clients sent null updates and the MNIST FLIP rows of results/backdoor.md (measured
+  with ``--flip-steps-mnist 30,15,5``) are the attackers' updates averaged with zeros, not FLIP.
 
 Measured on this machine (2 cores shared with other work at load 3–5; one torch thread per run; seed 0, the
 runs' own wall time): digits pre-training 8 s; a non-FLIP attack run (16 rounds of 4 local epochs, evaluation
@@ -217,12 +225,14 @@ class Setting:
     description: str = ""
 
 
-def _scaled(rounds: int) -> tuple[str, ...]:
-    return (f"rounds={rounds}", "defense.server_lr=1", "train.steps=5", "algorithm.max_steps=10", "algorithm.warmup_steps=30",
-            "algorithm.pair_steps=15", "algorithm.refine_steps=5", "eval.every=2", "eval.batch_size=500")
+def _scaled(rounds: int, steps: tuple[int, int, int]) -> tuple[str, ...]:
+    warmup, pair, refine = steps
+    return (f"rounds={rounds}", "defense.server_lr=1", "train.steps=5", "algorithm.max_steps=10",
+            f"algorithm.warmup_steps={warmup}", f"algorithm.pair_steps={pair}", f"algorithm.refine_steps={refine}",
+            "eval.every=2", "eval.batch_size=500")
 
 
-def settings(quick: bool, rounds_mnist: int) -> dict[str, Setting]:
+def settings(quick: bool, rounds_mnist: int, steps_mnist: tuple[int, int, int]) -> dict[str, Setting]:
     quick_digits = ("rounds=5", "train.epochs=1", "algorithm.max_steps=6", "algorithm.warmup_steps=20",
                     "algorithm.pair_steps=10", "algorithm.refine_steps=5")
     digits = Setting(
@@ -240,7 +250,9 @@ def settings(quick: bool, rounds_mnist: int) -> dict[str, Setting]:
                    "algorithm.refine_steps=2")
     pre_mnist = 2 if quick else 10
 
-    harden = "3 hardening batches a round with 5 / 5 / 2" if quick else "10 hardening batches a round with 30 / 15 / 5"
+    harden = ("3 hardening batches a round with 5 / 5 / 2" if quick else
+              f"5 hardening batches a round (train.steps; max_steps 10 does not bind) with "
+              f"{' / '.join(map(str, steps_mnist))}")
 
     def mnist_like(name: str, title: str, tag: str, folder: str) -> Setting:
         return Setting(
@@ -248,12 +260,12 @@ def settings(quick: bool, rounds_mnist: int) -> dict[str, Setting]:
             presets={"single": f"flip-{tag}-single.yaml", "continuous": f"flip-{tag}-continuous.yaml"},
             pretrain="fedavg-mnist.yaml", pretrain_rounds=pre_mnist, folder=folder,
             pretrain_overrides=("train.steps=10",),
-            overrides=(*_scaled(rounds_mnist), *(quick_mnist if quick else ())),
+            overrides=(*_scaled(rounds_mnist, steps_mnist), *(quick_mnist if quick else ())),
             single_tail=2 if quick else 4,
             description=f"{title} from ../shared/data, the presets' clients, partition and model; FedAvg pre-trained "
             f"{pre_mnist} rounds of 10 local steps (configs/fedavg-mnist.yaml with the preset's data and model); "
             f"{rounds_mnist} attack rounds (single-shot: at least {2 if quick else 4} after its last scheduled "
-            f"attack), benign FedAvg clients 5 local steps, FLIP at most {harden} inversion steps; server lr 1 "
+            f"attack), benign FedAvg clients 5 local steps, FLIP {harden} inversion steps; server lr 1 "
             "(the presets' 0.1 moves nothing in so few rounds); evaluation every 2 rounds")
 
     return {"digits": digits, "mnist": mnist_like("mnist", "MNIST", "mnist", "mnist"),
@@ -261,9 +273,9 @@ def settings(quick: bool, rounds_mnist: int) -> dict[str, Setting]:
 
 
 DEFAULTS = {"seeds": "0,1,2", "datasets": "digits,mnist,fmnist", "defenses": ",".join(RUNS),
-            "attacks": ",".join(ATTACKS), "rounds_mnist": 8}
+            "attacks": ",".join(ATTACKS), "rounds_mnist": 8, "flip_steps_mnist": "100,100,25"}
 QUICK = {"seeds": "0", "datasets": "digits", "defenses": "fedavg,norm_clipping,fltrust,flip",
-         "attacks": ",".join(ATTACKS), "rounds_mnist": 3}
+         "attacks": ",".join(ATTACKS), "rounds_mnist": 3, "flip_steps_mnist": "100,100,25"}
 
 
 def missing(s: Setting) -> str | None:
@@ -642,6 +654,9 @@ def parse_args():
                                                 "those of --attacks)")
     parser.add_argument("--rounds-mnist", type=int, help=f"attack rounds on MNIST and Fashion-MNIST (default "
                                                          f"{DEFAULTS['rounds_mnist']})")
+    parser.add_argument("--flip-steps-mnist", help="FLIP's warm-up, pair and refine inversion steps on MNIST and "
+                                                   f"Fashion-MNIST (default {DEFAULTS['flip_steps_mnist']}; "
+                                                   "MNIST_STEPS in the module docstring)")
     parser.add_argument("--runs-per-process", type=int, default=RUNS_PER_PROCESS,
                         help="runs one process does in turn (1: a fresh `fedtrust run` process per run)")
     parser.add_argument("--speed-steps", type=int, help="inversion steps timed (default 50; --quick 10)")
@@ -658,7 +673,7 @@ def parse_args():
         "(single-shot attacks in rounds 2 and 3), 1 local epoch, FLIP at most 6 batches with 20 / 10 / 5 inversion "
         "steps; 10 timed inversion steps; results in backdoor-quick.md")
     args = parser.parse_args()
-    for key in ("seeds", "datasets", "defenses", "attacks", "rounds_mnist"):  # explicit > --quick > default
+    for key in ("seeds", "datasets", "defenses", "attacks", "rounds_mnist", "flip_steps_mnist"):  # explicit > --quick > default
         if getattr(args, key) is None:
             setattr(args, key, (QUICK if args.quick else DEFAULTS)[key])
     if args.attacks_mnist is None:
@@ -733,7 +748,14 @@ def main() -> None:
     attacks = chosen(args.attacks, list(ATTACKS), "attack")
     attacks_mnist = chosen(args.attacks_mnist, list(ATTACKS), "attack")
     rows = [r for r in ROWS if r.run in runs]
-    all_settings = settings(args.quick, args.rounds_mnist)
+    try:
+        steps = tuple(int(x) for x in args.flip_steps_mnist.split(","))
+    except ValueError:
+        steps = ()
+    if len(steps) != 3 or min(steps) < 1:
+        raise SystemExit(f"--flip-steps-mnist takes three positive step counts (warm-up,pair,refine), got "
+                         f"{args.flip_steps_mnist!r}")
+    all_settings = settings(args.quick, args.rounds_mnist, steps)
     notes, plans = [], {}
     for d in chosen(args.datasets, list(all_settings), "data set"):
         why = missing(all_settings[d])
@@ -766,6 +788,8 @@ def main() -> None:
     cmd = (f"python benchmarks/backdoor.py --seeds {args.seeds} --jobs {args.jobs} --datasets {args.datasets} "
            f"--defenses {','.join(runs)} --attacks {','.join(attacks)} --rounds-mnist {args.rounds_mnist}"
            + (f" --attacks-mnist {','.join(attacks_mnist)}" if attacks_mnist != attacks else "")
+           + (f" --flip-steps-mnist {args.flip_steps_mnist}" if args.flip_steps_mnist != DEFAULTS["flip_steps_mnist"]
+              else "")
            + (f" --results {args.results}" if args.results != "backdoor" else "")
            + (" --quick" if args.quick else ""))
     lines = header_lines(args, plans, every, todo, elapsed_min, cmd, notes, clips)

@@ -7,7 +7,7 @@ import fedtrust
 import fedtrust.algorithms.flip  # noqa: F401  (import registers)
 from fedtrust.algorithms.flip import flip_state
 from fedtrust.fl.executor import ClientStore
-from fedtrust.fl.protocol import ClientContext
+from fedtrust.fl.protocol import ClientContext, Message
 from fedtrust.runner.config import build_config
 from fedtrust.runner.federation import build_federation
 
@@ -182,3 +182,29 @@ def test_a_replaced_model_with_negative_bn_variance_is_trained_plainly_not_inver
     message2 = fed.algorithm.configure(fed.algorithm.init(), 2, [1])[1]
     reply2, _ = fed.algorithm.client_update(message2, fed.data.client(1), new, ctx2)
     assert reply2.meta["flip_unsound"] == 0 and reply2.meta["flip_warmup"] > 0
+
+
+def test_a_round_whose_hardening_clients_all_skip_every_batch_warns(one_thread):
+    """Rules out the silent failure of session 28: inversions too short for any mask to get under the skip
+    size (MNIST, 30 steps), so every benign client replied a null update and the run looked like a defense.
+    The warning names the knobs; a round where one hardening client stepped, or where only attackers (no FLIP
+    counts) trained, does not warn."""
+    import warnings
+
+    fed = federation()
+    state = fed.algorithm.init()
+    model = {k: v for k, v in state.arrays.items() if k.startswith("model/")}
+
+    def reply(**meta):
+        return Message(dict(model), {"num_examples": 10, **meta})
+
+    skipped = dict(steps=0, flip_warmup=5, flip_pairs=0, flip_skipped=5, flip_unsound=0)
+    attacker = reply(steps=40)
+    with pytest.warns(RuntimeWarning, match=r"FLIP skipped every hardening batch of a round's 2 benign client\(s\)"
+                                            r".*algorithm\.max_mask_frac = 0\.125.*warmup_steps"):
+        _, metrics = fed.algorithm.aggregate(state, {1: reply(**skipped), 2: reply(**skipped), 3: attacker}, 1)
+    assert metrics["flip"]["flip_skipped"] == 10 and metrics["flip"]["steps"] == 40
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fed.algorithm.aggregate(state, {1: reply(**skipped), 2: reply(**{**skipped, "steps": 1})}, 1)
+        fed.algorithm.aggregate(state, {3: attacker}, 1)

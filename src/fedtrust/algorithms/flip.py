@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Generator
 from typing import Any
 
@@ -178,7 +179,20 @@ class Flip(FedAvg):
         sums = {k: sum(int(r.meta.get(k, 0)) for r in replies.values()) for k in keys}
         if any(sums[k] for k in COUNTS):
             metrics = {**metrics, "flip": sums}
+        self._warn_if_all_skipped(replies)
         return new, metrics
+
+    def _warn_if_all_skipped(self, replies: dict[int, Message]) -> None:
+        """Warn when no hardening client of a round took a step because the skip rule refused
+        every batch: they reply null updates, FLIP is off in all but name (session 29: MNIST inversions of 30
+        steps left every mask at 150–250 px, above H·W/8 = 98). Attackers (no FLIP counts) are left out."""
+        hardened = [r.meta for r in replies.values() if "flip_skipped" in r.meta]
+        if hardened and all(int(m.get("steps", 0)) == 0 and int(m["flip_skipped"]) > 0 for m in hardened):
+            warnings.warn(
+                f"FLIP skipped every hardening batch of a round's {len(hardened)} benign client(s): each inverted "
+                f"mask was larger than algorithm.max_mask_frac = {self.params.max_mask_frac:g} of the image, so "
+                "they sent null updates; give the inversions more steps (algorithm.warmup_steps, pair_steps) or "
+                "raise max_mask_frac (round metrics: flip.flip_skipped)", RuntimeWarning, stacklevel=2)
 
     def normalize01(self, x01: Tensor) -> Tensor:
         """The model's input for [0, 1] pixels: ``ctx.normalize`` of ``255·x`` (it divides by 255)."""
