@@ -700,7 +700,9 @@ def chosen(value: str, known: Sequence[str], what: str) -> list[str]:
 def header_lines(args, plans: dict[str, Plan], every: list[Job], todo: int, elapsed_min: float, cmd: str,
                  notes: list[str], clips: dict[str, tuple[float, float]]) -> list[str]:
     quick = " — QUICK SMOKE TEST, not the benchmark" if args.quick else ""
-    lines = run_header(f"Backdoor defenses: FLIP against robust aggregation (issue 15){quick}", cmd, args, every, todo, elapsed_min)
+    study = f" — side study `{args.results}`" if args.results != "backdoor" else ""
+    lines = run_header(f"Backdoor defenses: FLIP against robust aggregation (issue 15){study}{quick}", cmd, args,
+                       every, todo, elapsed_min)
     for d, p in plans.items():
         walls = [j.summary()["wall_time_s"] for j in p.runs.values()]
         lines.append(f"- {p.setting.title}: {p.setting.description}. Median attack run "
@@ -713,14 +715,7 @@ def header_lines(args, plans: dict[str, Plan], every: list[Job], todo: int, elap
         "Continuous DBA: "
         f"the continuous preset (4 of 10 replies every round). Continuous Neurotoxin: plus "
         f"`attack.neurotoxin={NEUROTOXIN_TOP}`.",
-        "- Defenses, sized for 4 attackers of n = 10 (all attacks): Multi-Krum f = 3 (the most Krum allows at "
-        "n = 10), m = 6; trimmed mean k = 4 a side; RLR θ = 5; FLTrust root set of "
-        f"{ROOT_SIZE} samples held out of training; norm clipping M = the {CLIP_QUANTILE:.0%} quantile of a clean "
-        f"run's update norms, noise σ = {NOISE_RATIO}·M/√d ("
-        + "; ".join(f"{d}: M = {c:g}, σ = {n:g}" for d, (c, n) in clips.items())
-        + "); median, FoolsGold, FLAME at their defaults. Non-FLIP rows run the preset with "
-        "`algorithm.invert=false` (FedAvg bit for bit). FLIP (τ = 0) and FLIP + τ read the same run without and "
-        f"with τ-rejection at {TAU}.",
+        *defense_lines(args.defenses.split(","), clips),
         "- Accuracies and ASRs in %, mean ± std over seeds. Clean acc: final round (FLIP + τ: refusals count as "
         "errors). Peak "
         "ASR: the largest over the evaluated rounds. Lifespan: rounds after the last attack round until the ASR "
@@ -729,6 +724,24 @@ def header_lines(args, plans: dict[str, Plan], every: list[Job], todo: int, elap
         f"Final ASR, τ {TAU}: every defense read with FLIP's rejection (the control: rejection without "
         "hardening). s / round: median round duration inside the run.",
         *notes]
+    return lines
+
+
+def defense_lines(runs: list[str], clips: dict[str, tuple[float, float]]) -> list[str]:
+    """The header's notes on the defenses this invocation ran."""
+    lines = []
+    if set(runs) - {"fedavg", "flip", "flip_gentle"}:
+        lines.append(
+            "- Defenses, sized for 4 attackers of n = 10 (all attacks): Multi-Krum f = 3 (the most Krum allows at "
+            "n = 10), m = 6; trimmed mean k = 4 a side; RLR θ = 5; FLTrust root set of "
+            f"{ROOT_SIZE} samples held out of training; norm clipping M = the {CLIP_QUANTILE:.0%} quantile of a "
+            f"clean run's update norms, noise σ = {NOISE_RATIO}·M/√d ("
+            + "; ".join(f"{d}: M = {c:g}, σ = {n:g}" for d, (c, n) in clips.items())
+            + "); median, FoolsGold, FLAME at their defaults.")
+    lines.append("- Non-FLIP rows run the preset with `algorithm.invert=false` (FedAvg bit for bit). FLIP (τ = 0) and "
+                 f"FLIP + τ read the same run without and with τ-rejection at {TAU}."
+                 + (f" FLIP, hardening lr × {GENTLE:g}: the preset's `algorithm.harden_lr` times {GENTLE:g} "
+                    "(module docstring, `flip_gentle`)." if "flip_gentle" in runs else ""))
     return lines
 
 
