@@ -232,7 +232,8 @@ def _scaled(rounds: int, steps: tuple[int, int, int]) -> tuple[str, ...]:
             "eval.every=2", "eval.batch_size=500")
 
 
-def settings(quick: bool, rounds_mnist: int, steps_mnist: tuple[int, int, int]) -> dict[str, Setting]:
+def settings(quick: bool, rounds_mnist: int, steps_mnist: tuple[int, int, int],
+             mnist_set: Sequence[str] = ()) -> dict[str, Setting]:
     quick_digits = ("rounds=5", "train.epochs=1", "algorithm.max_steps=6", "algorithm.warmup_steps=20",
                     "algorithm.pair_steps=10", "algorithm.refine_steps=5")
     digits = Setting(
@@ -260,7 +261,7 @@ def settings(quick: bool, rounds_mnist: int, steps_mnist: tuple[int, int, int]) 
             presets={"single": f"flip-{tag}-single.yaml", "continuous": f"flip-{tag}-continuous.yaml"},
             pretrain="fedavg-mnist.yaml", pretrain_rounds=pre_mnist, folder=folder,
             pretrain_overrides=("train.steps=10",),
-            overrides=(*_scaled(rounds_mnist, steps_mnist), *(quick_mnist if quick else ())),
+            overrides=(*_scaled(rounds_mnist, steps_mnist), *(quick_mnist if quick else ()), *mnist_set),
             single_tail=2 if quick else 4,
             description=f"{title} from ../shared/data, the presets' clients, partition and model; FedAvg pre-trained "
             f"{pre_mnist} rounds of 10 local steps (configs/fedavg-mnist.yaml with the preset's data and model); "
@@ -657,6 +658,9 @@ def parse_args():
     parser.add_argument("--flip-steps-mnist", help="FLIP's warm-up, pair and refine inversion steps on MNIST and "
                                                    f"Fashion-MNIST (default {DEFAULTS['flip_steps_mnist']}; "
                                                    "MNIST_STEPS in the module docstring)")
+    parser.add_argument("--mnist-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every MNIST / Fashion-MNIST attack run, after the scale-down "
+                             "(repeatable; e.g. attack.epochs=1 for a side study)")
     parser.add_argument("--runs-per-process", type=int, default=RUNS_PER_PROCESS,
                         help="runs one process does in turn (1: a fresh `fedtrust run` process per run)")
     parser.add_argument("--speed-steps", type=int, help="inversion steps timed (default 50; --quick 10)")
@@ -768,7 +772,10 @@ def main() -> None:
     if len(steps) != 3 or min(steps) < 1:
         raise SystemExit(f"--flip-steps-mnist takes three positive step counts (warm-up,pair,refine), got "
                          f"{args.flip_steps_mnist!r}")
-    all_settings = settings(args.quick, args.rounds_mnist, steps)
+    bad = [o for o in args.mnist_set if "=" not in o]
+    if bad:
+        raise SystemExit(f"--mnist-set takes KEY=VALUE, got {bad[0]!r}")
+    all_settings = settings(args.quick, args.rounds_mnist, steps, args.mnist_set)
     notes, plans = [], {}
     for d in chosen(args.datasets, list(all_settings), "data set"):
         why = missing(all_settings[d])
@@ -803,6 +810,7 @@ def main() -> None:
            + (f" --attacks-mnist {','.join(attacks_mnist)}" if attacks_mnist != attacks else "")
            + (f" --flip-steps-mnist {args.flip_steps_mnist}" if args.flip_steps_mnist != DEFAULTS["flip_steps_mnist"]
               else "")
+           + "".join(f" --mnist-set {o}" for o in args.mnist_set)
            + (f" --results {args.results}" if args.results != "backdoor" else "")
            + (" --quick" if args.quick else ""))
     lines = header_lines(args, plans, every, todo, elapsed_min, cmd, notes, clips)
