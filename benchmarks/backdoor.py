@@ -273,7 +273,9 @@ def settings(quick: bool, rounds_mnist: int, steps_mnist: tuple[int, int, int],
             "fmnist": mnist_like("fmnist", "Fashion-MNIST", "fmnist", "fashion_mnist")}
 
 
-DEFAULTS = {"seeds": "0,1,2", "datasets": "digits,mnist,fmnist", "defenses": ",".join(RUNS),
+SIDE_RUNS = ("flip_gentle",)  # side-study run keys, only when asked for by --defenses
+DEFAULTS = {"seeds": "0,1,2", "datasets": "digits,mnist,fmnist",
+            "defenses": ",".join(r for r in RUNS if r not in SIDE_RUNS),
             "attacks": ",".join(ATTACKS), "rounds_mnist": 8, "flip_steps_mnist": "100,100,25"}
 QUICK = {"seeds": "0", "datasets": "digits", "defenses": "fedavg,norm_clipping,fltrust,flip",
          "attacks": ",".join(ATTACKS), "rounds_mnist": 3, "flip_steps_mnist": "100,100,25"}
