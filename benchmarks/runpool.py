@@ -61,11 +61,26 @@ class Job:
         args = [sys.executable, "-m", "fedtrust.cli", "run", "--quiet", str(self.config), *self.overrides,
                 f"out={self.out}"]
         return subprocess.Popen(args, env=_one_thread_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True)
+                                text=True, preexec_fn=_die_with_parent)
 
 
 def _one_thread_env() -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+def _die_with_parent() -> None:
+    """In a child before it starts (Linux): SIGTERM it when the benchmark process dies. Without this, killing the
+    benchmark left its workers running their queued jobs, and a restarted benchmark ran the same job into the
+    same folder at the same time (session 30: one MNIST run's metrics.jsonl interleaved two runs' rows, and the
+    orphans' load slowed the new runs' timings). Elsewhere a no-op: stop the workers by hand there."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return
+    libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
 
 
 class _Batch:
@@ -76,7 +91,8 @@ class _Batch:
         self.stderr = tempfile.TemporaryFile(mode="w+")
         specs = [{"config": str(j.config), "overrides": j.overrides, "out": str(j.out)} for j in jobs]
         self.proc = subprocess.Popen([sys.executable, __file__, "--worker"], env=_one_thread_env(), text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self.stderr)
+                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self.stderr,
+                                     preexec_fn=_die_with_parent)
         self.proc.stdin.write(json.dumps(specs))
         self.proc.stdin.close()
 
