@@ -183,3 +183,50 @@ def test_a_schedule_gives_each_round_its_own_attackers_and_forces_them_in():
         build_config({}, ["attack.name=backdoor", "attack.schedule={2: [3]}", "attack.ids=[1]"])
     with pytest.raises(ConfigError, match="attack.schedule.*at least one attacker"):
         build_config({}, ["attack.name=backdoor", "attack.schedule={2: []}"])
+
+
+@pytest.mark.parametrize("n,eta", [(10, 0.1), (4, 1.0), (5, 0.5)])
+def test_replacement_scale_puts_the_attackers_model_into_the_global_one(n, eta):
+    """Model replacement (Bagdasaryan et al. 2020, Eq. 3): with γ = n/η and benign updates that cancel (here:
+    none), the server's G + (η/n)·Σ Δ lands exactly on the attacker's own model. A γ set for another η
+    (the MNIST preset's 100 at η = 1) overshoots by the ratio of the two."""
+    from fedtrust.fl.defense import Defense
+    from fedtrust.robust.backdoor import replacement_scale
+
+    sent = Message({"model/w": torch.tensor([1.0, -2.0, 0.5])}, {})
+    own = Message({"model/w": torch.tensor([3.0, 0.0, -1.5])}, {"num_examples": 7})
+    server = Defense(server_lr=eta, uniform=True)
+
+    def merged(gamma):
+        attacker = _attack(scale=gamma).poison_reply(sent, own, _ctx(3))
+        replies = {0: attacker, **{c: Message(dict(sent.arrays), {"num_examples": 9}) for c in range(1, n)}}
+        return server.merge(sent, replies, ["model"], round=1)[0].arrays["model/w"]
+
+    assert torch.allclose(merged(replacement_scale(n, eta)), own.arrays["model/w"], atol=1e-5)
+    wrong = merged(replacement_scale(n, eta) * 10)
+    assert torch.allclose(wrong - sent.arrays["model/w"], 10 * (own.arrays["model/w"] - sent.arrays["model/w"]),
+                          atol=1e-4)
+
+
+def test_scale_replace_resolves_to_the_runs_clients_per_round_over_its_server_lr(tmp_path):
+    """``attack.scale: replace`` is γ = n/η of the run it is in (a count or a fraction of the clients), kept as
+    written in the resolved config; bad values are one-line errors; an unresolved attack refuses to build."""
+    from fedtrust.runner.config import build_config, config_to_dict
+    from fedtrust.runner.federation import build_run_attack
+
+    def gamma(*extra):
+        cfg = build_config({}, ["data.num_clients=20", "attack.name=backdoor", "attack.ids=[3]",
+                                "attack.scale=replace", *extra])
+        assert config_to_dict(cfg)["attack"]["scale"] == "replace" and build_config(config_to_dict(cfg)) == cfg
+        return build_run_attack(cfg, 10).params.scale
+
+    assert gamma("data.clients_per_round=4") == 4.0
+    assert gamma("data.clients_per_round=10", "defense.server_lr=0.1") == pytest.approx(100.0)
+    assert gamma("data.clients_per_round=0.25", "defense.server_lr=0.5") == 10.0  # 5 clients of 20
+    for bad in ("0", "-1", "repl", "true"):
+        with pytest.raises(ConfigError) as err:
+            build_config({}, ["attack.name=backdoor", "attack.ids=[3]", f"attack.scale={bad}"])
+        assert "config key 'attack.scale': expected a number γ > 0 or 'replace'" in str(err.value)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="'replace' is resolved by the run"):
+        _attack(scale="replace")

@@ -4,7 +4,7 @@
 training images and relabels them to the target class (all-to-one), trains as the algorithm says, and
 optionally scales its update, ``θ + γ·(θ_i − θ)`` (model replacement, Bagdasaryan et al., AISTATS 2020,
 Eq. 3: γ = n/η makes the global model the attacker's; FLIP's single-shot attack uses γ = 100 = 10/0.1,
-spec flip.md §1). With the ``dba`` trigger (Xie et al., ICLR 2020) the i-th attacker (in id order) stamps
+spec flip.md §1; ``scale: replace`` sets γ = n/η from the run's config). With the ``dba`` trigger (Xie et al., ICLR 2020) the i-th attacker (in id order) stamps
 only piece i, and the test trigger is the union of all pieces; ``pixel`` and ``blend`` triggers are stamped
 whole by every attacker.
 
@@ -20,7 +20,7 @@ import dataclasses
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor
 
 from fedtrust.data.types import ImageSet
@@ -32,6 +32,15 @@ from fedtrust.robust.triggers import DBATrigger, Stamper, build_trigger, poison_
 
 
 PREV = "prev"
+REPLACE = "replace"
+
+
+def replacement_scale(clients_per_round: int, server_lr: float) -> float:
+    """Model replacement's γ = n/η (Bagdasaryan et al., AISTATS 2020, Eq. 3): with the server's update
+    G + (η/n)·Σ_i Δ_i, an attacker that sends γ·Δ_a while the benign updates roughly cancel moves the global
+    model by Δ_a, onto its own model. Exact for the unweighted mean (``defense.uniform``); under a
+    sample-weighted mean the attacker's weight is its share of the samples instead of 1/n."""
+    return clients_per_round / server_lr
 
 
 def neurotoxin_mask(message: Message, state: dict[str, Tensor], trainable: tuple[str, ...],
@@ -73,7 +82,9 @@ class Backdoor(Attack):
         target: int = Field(2, ge=0, description="the class poisoned images are relabelled to (all-to-one)")
         poison_fraction: float = Field(0.3125, ge=0.0, le=1.0, description="fraction of the attacker's images "
                                                                            "stamped and relabelled (FLIP: 20/64)")
-        scale: float = Field(1.0, gt=0.0, description="γ: reply θ + γ·(θ_i − θ) (model replacement: n/η)")
+        scale: float | str = Field(
+            1.0, description="γ > 0: reply θ + γ·(θ_i − θ); `replace`: model replacement's γ = n/η, with n = "
+            "data.clients_per_round and η = defense.server_lr of the run (resolved when the run builds the attack)")
         norm_bound: float | None = Field(None, gt=0.0, description="constrain-and-scale: the scaled update is "
                                                                    "projected onto this L2 ball (null: none)")
         lr: float | None = Field(None, gt=0.0, description="the attacker's own local lr (null: the benign one)")
@@ -87,8 +98,21 @@ class Backdoor(Attack):
                                          "coordinates the benign update moves most, which the attacker's "
                                          "gradient leaves alone (null: off)")
 
+        @field_validator("scale", mode="before")
+        @classmethod
+        def _gamma_or_replace(cls, v: Any) -> float | str:
+            if v == REPLACE:
+                return v
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"expected a number γ > 0 or '{REPLACE}'")
+            return float(v)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.params.scale == REPLACE:
+            raise ConfigError("config key 'attack.scale': 'replace' is resolved by the run (γ = "
+                              "data.clients_per_round / defense.server_lr); pass a number when building the "
+                              "attack directly (see replacement_scale)")
         if any(not 0.0 < m < 1.0 for m in self.params.lr_milestones or ()):
             raise ConfigError(f"config key 'attack.lr_milestones': fractions of the local steps in (0, 1), got "
                               f"{self.params.lr_milestones}")

@@ -483,7 +483,8 @@ def _check_params(kind: str, name: str, params_model: type[BaseModel], params: d
         if err["type"] == "extra_forbidden":
             valid = ", ".join(["name", *params_model.model_fields]) or "name"
             raise ConfigError(f"unknown config key '{kind}.{key}' for {kind} {name!r}; valid: {valid}") from None
-        raise ConfigError(f"config key '{kind}.{key}': {err['msg']} (got {err.get('input')!r})") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"config key '{kind}.{key}': {msg} (got {err.get('input')!r})") from None
 
 
 def _check_kwargs(kind: str, name: str, builder: Any, kwargs: dict[str, Any], skip: set[str]) -> None:

@@ -30,6 +30,7 @@ from fedtrust.fl.context import AlgorithmContext, LocalSchedule
 from fedtrust.fl.defense import Defense, RootUpdate, server_generator
 from fedtrust.robust.aggregators import build_aggregator
 from fedtrust.robust.attacks import Attack, build_attack
+from fedtrust.robust.backdoor import REPLACE, replacement_scale
 from fedtrust.robust.triggers import Stamper
 from fedtrust.evaluation import EvalSetup, EvaluatesClients
 from fedtrust.evaluation.evaluate import evaluators
@@ -327,7 +328,11 @@ def build_run_attack(cfg: RunConfig, num_classes: int) -> Attack | None:
     a = cfg.attack
     if a.name is None:
         return None
-    return build_attack(a.name, a.params(), ids=a.ids, fraction=a.fraction, rounds=a.rounds, first=a.start,
+    params = a.params()
+    if params.get("scale") == REPLACE:  # the backdoor's model replacement at this run's n and η
+        n = clients_per_round(cfg.data.clients_per_round, cfg.data.num_clients)
+        params["scale"] = replacement_scale(n, cfg.defense.server_lr)
+    return build_attack(a.name, params, ids=a.ids, fraction=a.fraction, rounds=a.rounds, first=a.start,
                         last=a.to, num_clients=cfg.data.num_clients, num_classes=num_classes, seed=cfg.seed,
                         force=a.force, schedule=a.schedule)
 
