@@ -343,20 +343,17 @@ def model_size(run_dir: Path) -> int:
 
 
 def single_rounds(s: Setting, overrides: list[str]) -> list[str]:
-    """The single-shot run's ``rounds`` (at least ``single_tail`` after the last scheduled attack) and ``attack.scale``.
-
-    The scale is model replacement's γ = n/η (spec flip.md §1) for the run's own server lr: the presets say
-    ``scale: replace``, which follows the scale-down's η = 1 (γ = 10); a preset with a number there gets it
-    overridden here. (Session 30: the MNIST-like presets then said 100, n/η for their η = 0.1, and at η = 1
-    that moved the model 10 times past the attacker's: FLIP seed 1's clean accuracy fell to 8.9 %.)
-    """
+    """The single-shot run's ``rounds`` (at least ``single_tail`` after the last scheduled attack) and
+    ``attack.scale=replace``: model replacement's γ = n/η (spec flip.md §1) at the run's own server lr, so the
+    scale-down's η = 1 gets γ = 10 whatever number a preset holds. (Session 30: the MNIST-like presets then said
+    100, n/η for their η = 0.1, and at η = 1 that moved the model 10 times past the attacker's: FLIP seed 1's
+    clean accuracy fell to 8.9 %.)"""
     from fedtrust.runner.config import load_config
 
     cfg = load_config(REPO / "configs" / s.presets["single"], overrides)
     last = max(cfg.attack.schedule or {0: []})
     out = [f"rounds={max(cfg.rounds, last + s.single_tail)}"] if last + s.single_tail > cfg.rounds else []
-    gamma = cfg.data.clients_per_round / cfg.defense.server_lr
-    return out + ([f"attack.scale={gamma:g}"] if cfg.attack.scale not in (gamma, "replace") else [])
+    return [*out, "attack.scale=replace"]
 
 
 def plan_for(s: Setting, seeds: list[int], attacks: list[str], runs: list[str], work: Path) -> Plan:

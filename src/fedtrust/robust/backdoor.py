@@ -4,9 +4,10 @@
 training images and relabels them to the target class (all-to-one), trains as the algorithm says, and
 optionally scales its update, ``θ + γ·(θ_i − θ)`` (model replacement, Bagdasaryan et al., AISTATS 2020,
 Eq. 3: γ = n/η makes the global model the attacker's; FLIP's single-shot attack uses γ = 100 = 10/0.1,
-spec flip.md §1; ``scale: replace`` sets γ = n/η from the run's config). With the ``dba`` trigger (Xie et al., ICLR 2020) the i-th attacker (in id order) stamps
-only piece i, and the test trigger is the union of all pieces; ``pixel`` and ``blend`` triggers are stamped
-whole by every attacker.
+spec flip.md §1; ``scale: replace`` sets γ = n/η from the run's config, :func:`replacement_scale`). With
+the ``dba`` trigger (Xie et al., ICLR 2020) the i-th attacker (in id order) stamps only piece i, and the
+test trigger is the union of all pieces; ``pixel`` and ``blend`` triggers are stamped whole by every
+attacker.
 
 GUESS (poisoned fraction): FLIP's code stamps the first ``poisoning_per_batch`` images of every batch
 (20 of 64, 31 %). Here ``poison_fraction`` of the client's images, drawn from its round generator, are
