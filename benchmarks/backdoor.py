@@ -70,6 +70,9 @@ costs when they do not come):
   attackers keep η = 1. A side study runs it under its own results name, so the main table stays:
   ``--results backdoor_mnist_long`` writes ``results/backdoor_mnist_long.md`` with runs under
   ``runs/bench-backdoor_mnist_long`` and its analysis from ``benchmarks/backdoor_mnist_long_analysis.md``.
+- ``flip_warm`` (not in the default list): FLIP with only its warm-up's Adam lr times ``GENTLE``
+  (``algorithm.warmup_lr``; the pair hardening keeps the preset's lr): ``flip_gentle`` softened the first
+  selections' dip and the defense with it (session 29), this softens the warm-up alone.
 
 Metrics (``metrics.jsonl`` rows with ``test_acc``), mean ± std over seeds, in %: clean accuracy (final round;
 ``acc_tau`` for FLIP + τ), peak ASR (largest over the evaluated rounds), final ASR, lifespan and seconds per
@@ -152,7 +155,7 @@ LIFESPAN_FLOOR = 0.025  # pre-attack ASR level used when the clean run's is lowe
 NEUROTOXIN_TOP = 0.05  # fraction of coordinates the Neurotoxin attacker leaves alone
 ROOT_SIZE = 100  # FLTrust's root data set, held out of the training set
 CLIP_QUANTILE = 0.9  # norm clipping's M: this quantile of the clean calibration run's update norms
-GENTLE = 0.1  # flip_gentle: the preset's algorithm.harden_lr times this
+GENTLE = 0.1  # flip_gentle: the preset's algorithm.harden_lr times this (flip_warm: its warm-up lr)
 NOISE_RATIO = 0.81  # norm clipping's noise: σ·√d = NOISE_RATIO · M (digits: σ = 0.01 at M = 3.8, d = 94,634)
 RUNS_PER_PROCESS = 4
 COMMON = ("checkpoint_every=0", "executor=sequential", "eval.personalized=false", f"eval.reject_tau={TAU}")
@@ -172,6 +175,7 @@ RUNS: dict[str, tuple[str, ...]] = {
     "flame": (FEDAVG, "defense.aggregator=flame"),
     "flip": (),  # the preset: algorithm.name=flip, invert=true, the mean
     "flip_gentle": (),  # the preset with its hardening lr × GENTLE (set in plan_for from the preset's value)
+    "flip_warm": (),  # the preset with its warm-up lr = hardening lr × GENTLE (set in plan_for)
 }
 """Run key (``--defenses``) → its overrides on the preset."""
 
@@ -190,7 +194,9 @@ ROWS = (Row("none (FedAvg)", "fedavg"), Row("norm clipping + weak DP", "norm_cli
         Row("FLTrust", "fltrust"), Row("FoolsGold", "foolsgold"), Row("RLR", "rlr"), Row("FLAME", "flame"),
         Row("FLIP (τ = 0)", "flip"), Row(f"FLIP + τ {TAU}", "flip", tau=True),
         Row(f"FLIP, hardening lr × {GENTLE:g} (τ = 0)", "flip_gentle"),
-        Row(f"FLIP, hardening lr × {GENTLE:g} + τ {TAU}", "flip_gentle", tau=True))
+        Row(f"FLIP, hardening lr × {GENTLE:g} + τ {TAU}", "flip_gentle", tau=True),
+        Row(f"FLIP, warm-up lr × {GENTLE:g} (τ = 0)", "flip_warm"),
+        Row(f"FLIP, warm-up lr × {GENTLE:g} + τ {TAU}", "flip_warm", tau=True))
 
 
 @dataclass(frozen=True)
@@ -277,7 +283,7 @@ def settings(quick: bool, rounds_mnist: int, steps_mnist: tuple[int, int, int],
             "fmnist": mnist_like("fmnist", "Fashion-MNIST", "fmnist", "fashion_mnist")}
 
 
-SIDE_RUNS = ("flip_gentle",)  # side-study run keys, only when asked for by --defenses
+SIDE_RUNS = ("flip_gentle", "flip_warm")  # side-study run keys, only when asked for by --defenses
 DEFAULTS = {"seeds": "0,1,2", "datasets": "digits,mnist,fmnist",
             "defenses": ",".join(r for r in RUNS if r not in SIDE_RUNS),
             "attacks": ",".join(ATTACKS), "rounds_mnist": 8, "flip_steps_mnist": "100,100,25"}
@@ -380,12 +386,13 @@ def plan_for(s: Setting, seeds: list[int], attacks: list[str], runs: list[str], 
                    [*over, f"init_from={pretrain[seed].out.resolve()}", f"seed={seed}"], out, keep_checkpoint=False)
 
     def run_overrides(run: str) -> tuple[str, ...]:
-        if run != "flip_gentle":
+        if run not in SIDE_RUNS:
             return RUNS[run]
         import yaml
 
         lr = yaml.safe_load(cont.read_text())["algorithm"]["harden_lr"]
-        return (f"algorithm.harden_lr={lr * GENTLE:g}",)
+        key = "harden_lr" if run == "flip_gentle" else "warmup_lr"
+        return (f"algorithm.{key}={lr * GENTLE:g}",)
 
     calibration = attack_job(f"{s.name}/calibration/s{seeds[0]}", "none",
                              [FEDAVG, "defense.aggregator=norm_clipping", "defense.clip=1e9"], seeds[0],
@@ -530,7 +537,8 @@ def asr_plot(plan: Plan, attack: str, rows: list[Row], path: Path) -> None:
     for i, row in enumerate(rows):
         rounds, values = mean_curve(plan, row, attack)
         flip = row.run.startswith("flip")
-        color = {"flip": "black", "flip_gentle": "tab:purple"}.get(row.run, colors[2 * i % 20])
+        color = {"flip": "black", "flip_gentle": "tab:purple", "flip_warm": "tab:green"}.get(
+            row.run, colors[2 * i % 20])
         ax.plot(rounds, values, label=row.label, color=color,
                 linestyle="--" if row.tau else "-", linewidth=2.2 if flip else 1.2, marker="o", markersize=2.5)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -745,7 +753,7 @@ def header_lines(args, plans: dict[str, Plan], every: list[Job], todo: int, elap
 def defense_lines(runs: list[str], clips: dict[str, tuple[float, float]]) -> list[str]:
     """The header's notes on the defenses this invocation ran."""
     lines = []
-    if set(runs) - {"fedavg", "flip", "flip_gentle"}:
+    if set(runs) - {"fedavg", "flip", *SIDE_RUNS}:
         lines.append(
             "- Defenses, sized for 4 attackers of n = 10 (all attacks): Multi-Krum f = 3 (the most Krum allows at "
             "n = 10), m = 6; trimmed mean k = 4 a side; RLR θ = 5; FLTrust root set of "
@@ -756,7 +764,10 @@ def defense_lines(runs: list[str], clips: dict[str, tuple[float, float]]) -> lis
     lines.append("- Non-FLIP rows run the preset with `algorithm.invert=false` (FedAvg bit for bit). FLIP (τ = 0) and "
                  f"FLIP + τ read the same run without and with τ-rejection at {TAU}."
                  + (f" FLIP, hardening lr × {GENTLE:g}: the preset's `algorithm.harden_lr` times {GENTLE:g} "
-                    "(module docstring, `flip_gentle`)." if "flip_gentle" in runs else ""))
+                    "(module docstring, `flip_gentle`)." if "flip_gentle" in runs else "")
+                 + (f" FLIP, warm-up lr × {GENTLE:g}: `algorithm.warmup_lr` = the preset's `harden_lr` times "
+                    f"{GENTLE:g}, pair hardening at the preset's (module docstring, `flip_warm`)."
+                    if "flip_warm" in runs else ""))
     return lines
 
 

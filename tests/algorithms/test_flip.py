@@ -208,3 +208,30 @@ def test_a_round_whose_hardening_clients_all_skip_every_batch_warns(one_thread):
         warnings.simplefilter("error")
         fed.algorithm.aggregate(state, {1: reply(**skipped), 2: reply(**{**skipped, "steps": 1})}, 1)
         fed.algorithm.aggregate(state, {3: attacker}, 1)
+
+
+def test_warmup_lr_sets_the_warmup_steps_only(one_thread, monkeypatch):
+    """Rules out: ``warmup_lr`` ignored, applied to the pair hardening too (lr not restored after the warm-up),
+    or unset changing FLIP (its default is the hardening lr)."""
+    from fedtrust.algorithms.flip import _Hardening
+
+    seen = []
+    step = _Hardening.step
+
+    def spy(self, x01, y):
+        seen.append(("pairs" if self.counts["flip_pairs"] else "warmup", self.opt.param_groups[0]["lr"]))
+        step(self, x01, y)
+
+    monkeypatch.setattr(_Hardening, "step", spy)
+    fed = federation("train.steps=14", "algorithm.harden_lr=0.02", "algorithm.warmup_lr=0.0005")
+    torch.manual_seed(0)
+    reply, _ = visit(fed, fed.algorithm.init(), 1, 1, ClientStore().get(1))  # first visit: 10 warm-up + 4 pairs
+    assert reply.meta["flip_warmup"] > 0 and reply.meta["flip_pairs"] > 0
+    assert {lr for phase, lr in seen if phase == "warmup"} == {0.0005}
+    assert {lr for phase, lr in seen if phase == "pairs"} == {0.02}
+    seen.clear()
+    fed = federation("train.steps=14", "algorithm.harden_lr=0.02")
+    visit(fed, fed.algorithm.init(), 1, 1, ClientStore().get(1))
+    assert seen and {lr for _, lr in seen} == {0.02}
+    with pytest.raises(Exception, match="warmup_lr"):
+        federation("algorithm.warmup_lr=0")

@@ -17,8 +17,8 @@ batches, ``train.drop_last``), at most ``max_steps`` of them:
 * Phase A, warm-up (first selection of the client only), batch k = 0..K−1, target t = k: one universal
   trigger (:func:`~fedtrust.robust.inversion.invert_trigger`, ``warmup_steps`` steps) flipping one exemplar
   per class ≠ t to t; stamped on ``warmup_portion`` of the batch's non-target images, true labels kept, one
-  Adam step. Its L1 becomes the initial distance of every pair (i, t); ``mat_diff`` is then normalised by
-  its maximum.
+  Adam step (at ``warmup_lr`` when set, a fedtrust extension: :meth:`_Hardening.warmup`). Its L1 becomes the
+  initial distance of every pair (i, t); ``mat_diff`` is then normalised by its maximum.
 * Phase B, pair hardening: a new pair (s, t) every 2 batches, random with probability
   ``random_pair_prob`` else the argmax of ``mat_diff`` (source present, ≠ the previous source). Both
   classes in the batch: :func:`~fedtrust.robust.inversion.invert_pair` (s→t stamped on the source images,
@@ -104,6 +104,8 @@ class Flip(FedAvg):
                                                "with the configured optimizer)")
         harden_lr: float = Field(0.01, gt=0.0, description="Adam lr of the model while hardening "
                                                            "(FLIP: 0.01 MNIST/FMNIST, 0.001 CIFAR)")
+        warmup_lr: float | None = Field(None, gt=0.0, description="Adam lr of the warm-up batches (default: "
+                                                                  "harden_lr, as FLIP; fedtrust extension)")
         max_steps: int = Field(110, ge=1, description="most batches per round, warm-up included (10 + 100)")
         warmup_steps: int = Field(400, ge=0, description="inversion steps of each warm-up trigger")
         pair_steps: int = Field(200, ge=0, description="inversion steps on a pair's first batch (and on its "
@@ -299,7 +301,12 @@ class _Hardening:
 
     # ---- phase A
     def warmup(self, batches: list[Tensor]) -> Generator[InversionJob, list[Trigger], list[Tensor]]:
-        """Batches 0..K−1 with targets t = 0..K−1; returns the batches left for phase B."""
+        """Batches 0..K−1 with targets t = 0..K−1; returns the batches left for phase B.
+
+        Their Adam steps take ``warmup_lr`` when it is set (``harden_lr`` again from phase B on, same
+        optimizer state): a fedtrust extension for server lr 1, where every client's first selection sends its
+        whole warm-up displacement into the global model instead of FLIP's η = 0.1 share of it."""
+        self.set_lr(self.p.warmup_lr if self.p.warmup_lr is not None else self.p.harden_lr)
         perm = torch.randperm(len(self.y), generator=self.ctx.generator).to(self.y.device)
         ys = self.y[perm]
         first = {int(c): int(perm[(ys == c).nonzero()[0, 0]]) for c in torch.unique(ys)}
@@ -327,7 +334,12 @@ class _Hardening:
         self.st.l1 = mat.clone()
         top = mat.max()
         self.st.mat_diff = mat / top if top > 0 else mat
+        self.set_lr(self.p.harden_lr)
         return batches[done:]
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
 
     # ---- phase B
     def pick(self, counts: Tensor, prev: int | None) -> tuple[int, int] | None:
