@@ -277,7 +277,9 @@ def settings(quick: bool, rounds_mnist: int, steps_mnist: tuple[int, int, int],
             f"{pre} rounds of 10 local steps (configs/fedavg-mnist.yaml with the preset's data and model); "
             f"{rounds_mnist} attack rounds (single-shot: at least {2 if quick else 4} after its last scheduled "
             f"attack), benign FedAvg clients 5 local steps, FLIP {harden} inversion steps; server lr 1 "
-            "(the presets' 0.1 moves nothing in so few rounds); evaluation every 2 rounds")
+            "(the presets' 0.1 moves nothing in so few rounds); evaluation every 2 rounds"
+            + (f"; then this side study's `{' '.join(mnist_set)}` (last in the overrides, so they win)"
+               if mnist_set else ""))
 
     return {"digits": digits, "mnist": mnist_like("mnist", "MNIST", "mnist", "mnist"),
             "fmnist": mnist_like("fmnist", "Fashion-MNIST", "fmnist", "fashion_mnist")}
@@ -720,6 +722,16 @@ def chosen(value: str, known: Sequence[str], what: str) -> list[str]:
     return picked
 
 
+def attacker_ids(plans: dict[str, Plan]) -> str:
+    """The attackers of each data set's continuous preset, for the header ("MNIST: clients 41, 73, 51, 74")."""
+    import yaml
+
+    def ids(plan: Plan) -> str:
+        preset = yaml.safe_load((REPO / "configs" / plan.setting.presets["continuous"]).read_text())
+        return ", ".join(map(str, preset["attack"]["ids"]))
+    return "; ".join(f"{p.setting.title.split(' (')[0]}: clients {ids(p)}" for p in plans.values())
+
+
 def header_lines(args, plans: dict[str, Plan], every: list[Job], todo: int, elapsed_min: float, cmd: str,
                  notes: list[str], clips: dict[str, tuple[float, float]]) -> list[str]:
     quick = " — QUICK SMOKE TEST, not the benchmark" if args.quick else ""
@@ -732,7 +744,7 @@ def header_lines(args, plans: dict[str, Plan], every: list[Job], todo: int, elap
                      f"{statistics.median(walls):.1f} s (inside the process). Overrides on every attack run: "
                      f"`{' '.join([*COMMON, *p.setting.overrides])}`.")
     lines += [
-        "- Attacks: clients 1, 5, 9, 13, DBA pieces, target 2. No attack: `attack.rounds=[]` (the clean model's "
+        f"- Attacks: the presets' 4 attackers ({attacker_ids(plans)}), DBA pieces, target 2. No attack: `attack.rounds=[]` (the clean model's "
         "ASR). Single-shot: the single preset (one attacker a round, update scaled by γ = 10) with "
         "each attacker forced into its round (`attack.force=true`). "
         "Continuous DBA: "
