@@ -744,8 +744,8 @@ def header_lines(args, plans: dict[str, Plan], every: list[Job], todo: int, elap
                      f"{statistics.median(walls):.1f} s (inside the process). Overrides on every attack run: "
                      f"`{' '.join([*COMMON, *p.setting.overrides])}`.")
     lines += [
-        f"- Attacks: the presets' 4 attackers ({attacker_ids(plans)}), DBA pieces, target 2. No attack: `attack.rounds=[]` (the clean model's "
-        "ASR). Single-shot: the single preset (one attacker a round, update scaled by γ = 10) with "
+        f"- Attacks: the presets' 4 attackers ({attacker_ids(plans)}), DBA pieces, target 2. No attack: "
+        "`attack.rounds=[]` (the clean model's ASR). Single-shot: the single preset (one attacker a round, update scaled by γ = 10) with "
         "each attacker forced into its round (`attack.force=true`). "
         "Continuous DBA: "
         f"the continuous preset (4 of 10 replies every round). Continuous Neurotoxin: plus "
