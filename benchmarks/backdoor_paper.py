@@ -67,10 +67,10 @@ class PaperRun:
         else:  # never started, or stopped before its first checkpoint: start anew
             shutil.rmtree(self.out, ignore_errors=True)
             cmd = [*self.args, f"out={self.out}"]
-        log = open(self.out.parent / f"{self.name}.log", "a")
-        return subprocess.Popen([sys.executable, "-m", "fedtrust.cli", "run", "--quiet", *cmd],
-                                env=_one_thread_env(), stdout=log, stderr=subprocess.STDOUT,
-                                preexec_fn=_die_with_parent)
+        with open(self.out.parent / f"{self.name}.log", "a") as log:  # the child keeps its own copy of the file
+            return subprocess.Popen([sys.executable, "-m", "fedtrust.cli", "run", "--quiet", *cmd],
+                                    env=_one_thread_env(), stdout=log, stderr=subprocess.STDOUT,
+                                    preexec_fn=_die_with_parent)
 
     def rows(self) -> list[dict]:
         path = self.out / "metrics.jsonl"
@@ -139,7 +139,7 @@ def tables(seeds: list[int], runs: dict[tuple[str, int], PaperRun]) -> list[str]
     lines: list[str] = []
     for s in seeds:
         rows = {kind: runs[(kind, s)].rows() for kind in ("fedavg-none", "fedavg-dba", "flip-dba")}
-        have = [len(r) and r[-1]["round"] for r in rows.values() if r]
+        have = [r[-1]["round"] for r in rows.values() if r]
         if not have:
             continue
         common = min(have)
@@ -176,11 +176,11 @@ def main() -> None:
     if not shared_data_available("mnist"):
         sys.exit("MNIST is not in ../shared/data (see shared/DESIGN.md, 'Data available without internet')")
     seeds = [int(s) for s in args.seeds.split(",")]
+    os.chdir(REPO)  # --work is relative to the repository root, as the configs' data paths are
     work = Path(args.work)
     pre, runs = plan(seeds, work)
     start = time.time()
     if not args.report_only:
-        os.chdir(REPO)
         run_all([j for j in [*pre, *runs.values()] if not j.done()], args.jobs, start + 60 * args.budget_min)
     cmd = (f"python benchmarks/backdoor_paper.py --seeds {args.seeds} --jobs {args.jobs} --work {args.work} "
            f"--budget-min {args.budget_min:g}")
