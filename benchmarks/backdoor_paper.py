@@ -16,7 +16,9 @@ One FLIP round costs about 5.5 min on one core of this CPU (the FedAvg runs 4–
 takes about 8 h. ``--budget-min`` stops the runs after that many minutes; a stopped run resumes from its
 checkpoint (``fedtrust run --resume``) the next time the script runs with the same ``--work``. The table is
 written from the rounds each run has done, so a partial FLIP run is reported as partial (its round count is
-in the table), never extrapolated.
+in the table), never extrapolated. Every run waits for its own pre-training, so ``--jobs`` may be as large as
+the machine allows. ``--device cuda`` runs them all on a GPU and ``--data-root`` names the folder holding
+``mnist/`` (``benchmarks/device_flip.sh`` does both on a lent GPU; results/backdoor_mnist_paper_gpu.md).
 
 Reported per run and seed, in %: clean accuracy and ASR at the last round done, both at the last round that
 every run of the seed reached (the fair comparison while FLIP is partial), and the first round whose ASR
@@ -40,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runpool import (REPO, _die_with_parent, _one_thread_env, benchmark_parser, machine_note,  # noqa: E402
-                     md_table, shared_data_available, with_analysis, write_results)
+                     md_table, with_analysis, write_results)
 
 PRESET = "configs/flip-mnist-continuous.yaml"
 PRETRAIN = ("configs/fedavg-mnist.yaml", "rounds=10", "model.name=lenet", "data.alpha=0.5", "data.normalize=none",
@@ -57,6 +59,10 @@ class PaperRun:
     name: str
     args: tuple[str, ...]
     out: Path
+    after: "PaperRun | None" = None  # the pre-training this run starts from (init_from), finished first
+
+    def ready(self) -> bool:
+        return self.after is None or self.after.done()
 
     def done(self) -> bool:
         return (self.out / "summary.json").is_file()
@@ -79,41 +85,52 @@ class PaperRun:
         return [r for r in map(json.loads, path.read_text().splitlines()) if "test_acc" in r]
 
 
-def plan(seeds: list[int], work: Path) -> tuple[list[PaperRun], dict[tuple[str, int], PaperRun]]:
-    """The pre-trainings, then every attack run, in the order they run."""
-    common = ("device=cpu", "eval.personalized=false")
-    pre = [PaperRun(f"pretrain-s{s}", (*PRETRAIN, f"seed={s}", "device=cpu"), work / f"pretrain-s{s}")
-           for s in seeds]
+def plan(seeds: list[int], work: Path, device: str = "cpu", data_root: str = "../shared/data"
+         ) -> tuple[list[PaperRun], dict[tuple[str, int], PaperRun]]:
+    """The pre-trainings, then every attack run (FLIP's first: the longest), in the order they start."""
+    common = (f"device={device}", f"data.root={data_root}")
+    pre = {s: PaperRun(f"pretrain-s{s}", (*PRETRAIN, f"seed={s}", *common), work / f"pretrain-s{s}") for s in seeds}
     runs: dict[tuple[str, int], PaperRun] = {}
-    for kind, extra in (("fedavg-none", (*FEDAVG, "attack.rounds=[]", "checkpoint_every=0")),
-                        ("fedavg-dba", (*FEDAVG, "checkpoint_every=0")),
-                        ("flip-dba", ("checkpoint_every=1",))):
+    for kind, extra in (("flip-dba", ("checkpoint_every=1",)),
+                        ("fedavg-none", (*FEDAVG, "attack.rounds=[]", "checkpoint_every=0")),
+                        ("fedavg-dba", (*FEDAVG, "checkpoint_every=0"))):
         for s in seeds:
-            runs[(kind, s)] = PaperRun(f"{kind}-s{s}", (PRESET, *extra, *common, f"init_from={work}/pretrain-s{s}",
-                                                        f"seed={s}"), work / f"{kind}-s{s}")
-    return pre, runs
+            runs[(kind, s)] = PaperRun(f"{kind}-s{s}", (PRESET, *extra, *common, "eval.personalized=false",
+                                                        f"init_from={work}/pretrain-s{s}", f"seed={s}"),
+                                       work / f"{kind}-s{s}", after=pre[s])
+    return list(pre.values()), runs
 
 
-def run_all(todo: list[PaperRun], parallel: int, deadline: float) -> None:
-    """Run ``todo`` in order, ``parallel`` at a time, until done or ``deadline`` (SIGTERM to what still runs)."""
-    pending, running = list(todo), []
+def run_all(todo: list[PaperRun], parallel: int, deadline: float) -> list[str]:
+    """Run ``todo`` in order, ``parallel`` at a time, each once its pre-training is done, until all are done or
+    ``deadline`` (SIGTERM to what still runs). A failed run does not stop the others (those that start from it
+    are dropped); returns one line per failure."""
+    pending, running, failed = list(todo), [], []
     while pending or running:
-        while pending and len(running) < parallel and time.time() < deadline:
-            job = pending.pop(0)
+        while len(running) < parallel and time.time() < deadline:
+            job = next((j for j in pending if j.ready()), None)
+            if job is None:
+                break
+            pending.remove(job)
             job.out.parent.mkdir(parents=True, exist_ok=True)
             running.append((job, job.start()))
+        if pending and not running and not any(j.ready() for j in pending):
+            failed += [f"{j.name} not started: {j.after.name} did not finish" for j in pending]
+            return failed
         time.sleep(2)
         for job, proc in list(running):
             if proc.poll() is not None:
                 running.remove((job, proc))
                 if proc.returncode != 0:
-                    sys.exit(f"{job.name} failed (exit {proc.returncode}); see {job.out.parent / job.name}.log")
+                    failed.append(f"{job.name} failed (exit {proc.returncode}); see {job.out.parent / job.name}.log")
+                    print(failed[-1], flush=True)
         if time.time() >= deadline:
             for job, proc in running:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait()
                 print(f"budget spent: stopped {job.name} after round {len(job.rows())} (resumes next time)")
-            return
+            return failed
+    return failed
 
 
 def first_round(rows: list[dict], key: str, level: float) -> str:
@@ -170,29 +187,47 @@ def main() -> None:
                         help="stop the runs after this many minutes; they resume on the next invocation")
     parser.add_argument("--results", default="backdoor_mnist_paper")
     parser.add_argument("--report-only", action="store_true", help="write the table from the runs as they are")
+    parser.add_argument("--device", default="cpu", help="torch device of every run (cpu, cuda, auto)")
+    parser.add_argument("--data-root", default="../shared/data",
+                        help="folder holding mnist/train.npz (relative to the repository root)")
     args = parser.parse_args()
     if args.datasets != "mnist":
         parser.error("only --datasets mnist: the paper regime is configured for MNIST (configs/flip-mnist-*.yaml)")
-    if not shared_data_available("mnist"):
-        sys.exit("MNIST is not in ../shared/data (see shared/DESIGN.md, 'Data available without internet')")
+    os.chdir(REPO)  # --work and --data-root are relative to the repository root, as the configs' data paths are
+    if not (Path(args.data_root) / "mnist" / "train.npz").is_file():
+        sys.exit(f"MNIST is not in {args.data_root}/mnist (see shared/DESIGN.md, 'Data available without internet')")
     seeds = [int(s) for s in args.seeds.split(",")]
-    os.chdir(REPO)  # --work is relative to the repository root, as the configs' data paths are
     work = Path(args.work)
-    pre, runs = plan(seeds, work)
+    pre, runs = plan(seeds, work, args.device, args.data_root)
     start = time.time()
+    failed: list[str] = []
     if not args.report_only:
-        run_all([j for j in [*pre, *runs.values()] if not j.done()], args.jobs, start + 60 * args.budget_min)
+        failed = run_all([j for j in [*pre, *runs.values()] if not j.done()], args.jobs, start + 60 * args.budget_min)
     cmd = (f"python benchmarks/backdoor_paper.py --seeds {args.seeds} --jobs {args.jobs} --work {args.work} "
            f"--budget-min {args.budget_min:g}")
+    if args.device != "cpu":
+        cmd += f" --device {args.device}"
+    if args.data_root != "../shared/data":
+        cmd += f" --data-root {args.data_root}"
+    if args.results != "backdoor_mnist_paper":
+        cmd += f" --results {args.results}"
+    hardware = machine_note()
+    if args.device != "cpu":
+        import torch
+
+        if torch.cuda.is_available():
+            hardware += f"; GPU {torch.cuda.get_device_name(0)}, torch.version.cuda {torch.version.cuda}"
     lines = [f"# FLIP against continuous DBA on MNIST in the paper's regime (issue 15) — `{args.results}`", "",
              f"Reproduce: `{cmd}` (from the repository root; rerun the same command to continue stopped runs; "
              "`PYTHONPATH=src` where fedtrust is not installed).", "",
              f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; seeds {args.seeds}.",
-             f"- Hardware: {machine_note()}; one torch thread per run, {args.jobs} at a time.",
+             f"- Hardware: {hardware}; device `{args.device}`; one torch thread per run, {args.jobs} at a time.",
              f"- Runs: `{PRESET}` as it is (module docstring); FedAvg rows add `{' '.join(FEDAVG)}`; pre-training "
              f"`{' '.join(PRETRAIN)}`. Accuracies and ASRs in %."]
     lines += tables(seeds, runs)
     write_results(f"{args.results}.md", with_analysis(lines, args.analysis or f"benchmarks/{args.results}_analysis.md"))
+    if failed:
+        sys.exit("\n".join(failed))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@ FedAvg pre-trained 20 rounds, then 16 rounds of continuous DBA (4 attackers of 1
 
 Without defense the backdoor takes over (ASR >= 80 %); FLIP's benign clients harden against the triggers they
 invert from their own model and, with tau-rejection at 0.4, bring the final ASR to 20 % or less at a clean
-accuracy within 3 points of the undefended run without attack. Fixed seed, CPU: deterministic numbers.
+accuracy within 3 points of the undefended run without attack. Fixed seed, CPU: deterministic numbers. On a
+lent GPU (``FEDTRUST_TEST_DEVICE=cuda``, benchmarks/device_flip.sh) the same runs go through CUDA end to end.
 """
 
 from __future__ import annotations
@@ -25,16 +26,16 @@ def final(run) -> dict:
 
 
 @pytest.mark.slow
-def test_flip_removes_a_continuous_dba_backdoor_on_digits(tmp_path, one_thread):
+def test_flip_removes_a_continuous_dba_backdoor_on_digits(tmp_path, one_thread, executor_device):
     pre = tmp_path / "pre"
     fedtrust.run(None, ["rounds=20", "eval.every=20", "eval.personalized=false", "checkpoint_every=0",
-                        f"out={pre}"], progress=False, report=False)
+                        f"device={executor_device}", f"out={pre}"], progress=False, report=False)
     cfg = load_config(PRESET, [f"init_from={pre}"])
     assert cfg.attack.ids == [1, 5, 9, 13] and cfg.eval.reject_tau == 0.4
 
     def run(name: str, *overrides: str) -> dict:
         return final(fedtrust.run(PRESET, [f"init_from={pre}", "checkpoint_every=0", f"out={tmp_path / name}",
-                                           *overrides], progress=False, report=False))
+                                           f"device={executor_device}", *overrides], progress=False, report=False))
 
     clean = run("clean", "algorithm.invert=false", "attack.rounds=[]")  # attackers that never attack
     undefended = run("undefended", "algorithm.invert=false")

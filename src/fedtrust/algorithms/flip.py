@@ -168,7 +168,7 @@ class Flip(FedAvg):
                 batches = yield from run.warmup(batches)
             yield from run.pairs(batches)
             st.seen = True
-        result = TrainResult(state={n: v.detach().clone() for n, v in model.state_dict().items()},
+        result = TrainResult(state={n: v.detach().to("cpu", copy=True) for n, v in model.state_dict().items()},
                              num_examples=len(data), steps=run.steps, mean_loss=run.mean_loss())
         reply, _ = self.finish(message, result, client_state, ctx)
         reply.meta.update(run.counts)
@@ -209,7 +209,8 @@ class _State:
 
     @classmethod
     def load(cls, client_state: Message, k: int, device: torch.device) -> "_State":
-        own = client_state.prefixed(PREFIX)
+        """The state kept in ``client_state`` (on the CPU, as the executor keeps it), on ``device``."""
+        own = {key: v.to(device) for key, v in client_state.prefixed(PREFIX).items()}
         if "mat_diff" not in own:
             z = torch.zeros(k, k, dtype=torch.float64, device=device)
             return cls(z, z.clone(), False, {})

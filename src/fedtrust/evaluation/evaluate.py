@@ -31,7 +31,7 @@ def evaluate(algorithm: Algorithm, state: Message, store: ClientStore, setup: Ev
     """
     test = setup.test
     chosen = evaluators(setup.metrics)
-    predictors = algorithm.predictors(state)
+    predictors = {n: m.to(test.x.device) for n, m in algorithm.predictors(state).items()}  # built on the CPU
     names = list(predictors)
     results: dict[str, dict[str, Any]] = {}
     all_logits = predict_all(predictors, test.x, setup.normalize, setup.batch_size)

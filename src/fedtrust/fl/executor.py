@@ -52,8 +52,9 @@ class ClientStore:
         return self.states.get(client) or Message()
 
     def set(self, client: int, state: Message) -> None:
+        """Keep ``state`` (on the CPU, as every message: see :meth:`Executor.run`)."""
         if state.arrays or state.meta:
-            self.states[client] = state
+            self.states[client] = state.to("cpu")
         else:
             self.states.pop(client, None)
 
@@ -202,6 +203,8 @@ class Executor:
             clients = self.sample(r)
             messages = self.algorithm.configure(state, r, clients)
             executed = self.execute(messages, r, store)
+            for c, reply in executed.items():  # messages live on the CPU; only client training uses the device
+                executed[c] = reply.to("cpu")
             fail_if_broken(executed, r)
             replies = self.collude(state, messages, executed, r)
             state, metrics = self.aggregate(state, replies, r, messages)

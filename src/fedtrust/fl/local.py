@@ -248,6 +248,7 @@ class _PlanTrainer:
     def __init__(self, plan: LocalTraining, model: torch.nn.Module, device: torch.device) -> None:
         self.plan, self.model = plan, model
         load_state(model, plan.init, device)
+        self.ref = {k: v.to(device) for k, v in plan.ref.items()}
         model.train()
         self.named = dict(model.named_parameters())
         self.trainable = {name: self.named[name] for name in plan.trainable}
@@ -267,7 +268,7 @@ class _PlanTrainer:
         if activate:  # several plans: set this plan's trainable flags again before its step
             for name, p in self.named.items():
                 p.requires_grad_(name in self.trainable)
-        loss = self.plan.loss(self.model, self.trainable, batch, self.plan.ref)
+        loss = self.plan.loss(self.model, self.trainable, batch, self.ref)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for name, mask in (self.plan.grad_mask or {}).items():
@@ -280,7 +281,7 @@ class _PlanTrainer:
         for p in self.named.values():
             p.requires_grad_(True)
         mean_loss = float(torch.stack(self.losses).mean()) if self.losses else float("nan")
-        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         kept = None if self.plan.optimizer_state is None else torch_state(self.optimizer, self.trainable)
         return TrainResult(state=state, num_examples=num_examples, steps=steps, mean_loss=mean_loss,
                            optimizer_state=kept)

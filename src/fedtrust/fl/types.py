@@ -43,6 +43,13 @@ class Message:
         p = prefix + "/"
         return {k[len(p):]: v for k, v in self.arrays.items() if k.startswith(p)}
 
+    def to(self, device: torch.device | str) -> Message:
+        """The same message with every array on ``device`` (arrays already there are shared, not copied)."""
+        device = torch.device(device)
+        if all(v.device == device for v in self.arrays.values()):
+            return self
+        return Message({k: v.to(device) for k, v in self.arrays.items()}, self.meta)
+
 
 def with_prefix(prefix: str, arrays: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """``{"a": t}`` → ``{"prefix/a": t}``."""

@@ -161,17 +161,19 @@ class VectorizedExecutor(Executor):
         model = plan.model.to(self.device).train()
         param_names = [n for n, _ in model.named_parameters()]
         trainable = set(plan.trainable)
-        stack = lambda key: torch.stack([cl.plan.init[key] for cl in clients]).to(self.device)  # noqa: E731
-        params = {k: stack(k) for k in param_names if k in trainable}
-        frozen = {k: stack(k) for k in param_names if k not in trainable}
-        buffers = {k: stack(k) for k, _ in model.named_buffers()}
-        ref = {k: torch.stack([cl.plan.ref[k] for cl in clients]).to(self.device) for k in plan.ref}
+        def stack(tensors: list[Tensor]) -> Tensor:  # plans may hold CPU (message) and device tensors
+            return torch.stack([t.to(self.device) for t in tensors])
+
+        params = {k: stack([cl.plan.init[k] for cl in clients]) for k in param_names if k in trainable}
+        frozen = {k: stack([cl.plan.init[k] for cl in clients]) for k in param_names if k not in trainable}
+        buffers = {k: stack([cl.plan.init[k] for cl in clients]) for k, _ in model.named_buffers()}
+        ref = {k: stack([cl.plan.ref[k] for cl in clients]) for k in plan.ref}
         optimizer = StackedOptimizer(plan.optimizer, params, len(clients))
         for i, cl in enumerate(clients):
             if cl.plan.optimizer_state:
                 optimizer.load_row(i, cl.plan.optimizer_state)
         loss_sum = torch.zeros(len(clients), device=self.device)
-        masks = {k: torch.stack([cl.plan.grad_mask[k] for cl in clients]).to(self.device)
+        masks = {k: stack([cl.plan.grad_mask[k] for cl in clients])
                  for k in (plan.grad_mask or {})}
         step_fn = _step_function(_LossModule(model, plan.loss))
 
@@ -219,9 +221,10 @@ class VectorizedExecutor(Executor):
                  buffers: dict[str, Tensor], loss_sum: Tensor,
                  optimizer: StackedOptimizer) -> dict[tuple[int, int], TrainResult]:
         losses = loss_sum.cpu().tolist()
+        stacked = {k: v.detach().cpu() for k, v in (buffers | frozen | params).items()}  # one copy off the device
         out = {}
         for i, cl in enumerate(clients):
-            state = {k: (params.get(k, frozen.get(k, buffers.get(k))))[i].clone() for k in cl.plan.init}
+            state = {k: stacked[k][i].clone() for k in cl.plan.init}
             n = len(cl.batches)
             kept = None if cl.plan.optimizer_state is None else optimizer.row_state(i)
             out[(cl.cid, cl.slot)] = TrainResult(state=state, num_examples=len(cl.indices), steps=n,

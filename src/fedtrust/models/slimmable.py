@@ -155,10 +155,10 @@ def embed(sub_state: Mapping[str, Tensor], indices: Indices, into: Mapping[str, 
     for key, idx in indices.items():
         base, sub = into[key], sub_state[key]
         if base.dim() == 0:
-            out[key] = sub.to(base.dtype).clone()
+            out[key] = sub.to(device=base.device, dtype=base.dtype, copy=True)
             continue
         grid = torch.meshgrid(*(i.to(base.device) for i in idx), indexing="ij")
-        out[key] = base.index_put(grid, sub.to(base.dtype))
+        out[key] = base.index_put(grid, sub.to(device=base.device, dtype=base.dtype))
     return out
 
 

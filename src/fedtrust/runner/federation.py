@@ -360,6 +360,6 @@ def root_trainer(algorithm: Algorithm, root: ImageSet, seed: int, device: torch.
     def root_update(state: Message, round: int) -> Message:
         message = algorithm.configure(state, round, [ROOT_CLIENT])[ROOT_CLIENT]
         ctx = ClientContext(ROOT_CLIENT, round, server_generator(seed, round, _ROOT_STREAM), device)
-        return algorithm.client_update(message, root, Message(), ctx)[0]
+        return algorithm.client_update(message, root, Message(), ctx)[0].to("cpu")  # messages live on the CPU
 
     return root_update
