@@ -325,3 +325,18 @@ def test_stamp_and_validation():
     with pytest.raises(ConfigError, match="warm start"):
         init = (torch.zeros(4, 4), torch.zeros(1, 4, 4))
         invert_trigger(nn.Flatten(), _rand(2, 1, 8, 8), 0, 1, torch.Generator(), init=init)
+
+
+def test_noise_drawn_up_front_equals_the_per_step_draws_in_order():
+    """_step_noise draws every step's restart noise before the loop (one device copy per inversion): the same
+    numbers, in the same order (step i's a, then its b), and the same generator state after, as a draw a step."""
+    from fedtrust.robust.inversion import _step_noise, _uniform
+
+    like = torch.zeros((), dtype=torch.float64)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    a, b = _step_noise(torch.Size((2, 4, 4)), torch.Size((2, 3, 4, 4)), 6, g1, like)
+    for i in range(6):
+        assert torch.equal(a[i], _uniform((2, 4, 4), g2, like)) and torch.equal(b[i], _uniform((2, 3, 4, 4), g2, like))
+    assert a.dtype == torch.float64 and a.shape == (6, 2, 4, 4) and b.shape == (6, 2, 3, 4, 4)
+    assert torch.equal(g1.get_state(), g2.get_state())
+    assert float(a.min()) >= -1 and float(a.max()) < 1 and float(a.std()) > 0.3
