@@ -161,6 +161,7 @@ class VectorizedExecutor(Executor):
         model = plan.model.to(self.device).train()
         param_names = [n for n, _ in model.named_parameters()]
         trainable = set(plan.trainable)
+
         def stack(tensors: list[Tensor]) -> Tensor:  # plans may hold CPU (message) and device tensors
             return torch.stack([t.to(self.device) for t in tensors])
 
