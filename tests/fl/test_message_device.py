@@ -23,11 +23,18 @@ def test_message_to_its_own_device_is_the_same_message():
     assert m.to("cpu") is m and m.to(torch.device("cpu")).arrays["a"] is m.arrays["a"]
 
 
-def test_client_store_keeps_cpu_states_and_drops_empty_ones():
+def test_client_store_moves_a_device_state_to_the_cpu_through_message_to(monkeypatch):
+    """The store asks every state for its CPU copy (``Message.to("cpu")``) and keeps that copy; empty states
+    are dropped. (No second device in CI: the move is observed through ``Message.to``.)"""
+    asked, kept = [], Message({"flip/l1": torch.ones(2, 2)})
+
+    def fake_to(self, device):
+        asked.append(str(device))
+        return kept
+
+    monkeypatch.setattr(Message, "to", fake_to)
     store = ClientStore()
-    state = Message({"flip/l1": torch.ones(2, 2)})
-    store.set(3, state)
-    assert store.get(3).arrays["flip/l1"].device.type == "cpu"
-    assert torch.equal(store.get(3).arrays["flip/l1"], torch.ones(2, 2))
+    store.set(3, Message({"flip/l1": torch.zeros(2, 2)}))
+    assert asked == ["cpu"] and store.get(3) is kept
     store.set(3, Message())
     assert 3 not in store.states and store.get(3).arrays == {}
