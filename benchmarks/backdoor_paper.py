@@ -45,6 +45,8 @@ from runpool import (REPO, _die_with_parent, _one_thread_env, benchmark_parser, 
                      md_table, with_analysis, write_results)
 
 PRESET = "configs/flip-mnist-continuous.yaml"
+KINDS = ("flip-dba", "fedavg-none", "fedavg-dba")
+"""The attack runs of a seed: FLIP under continuous DBA, FedAvg without attack, FedAvg under DBA."""
 PRETRAIN = ("configs/fedavg-mnist.yaml", "rounds=10", "model.name=lenet", "data.alpha=0.5", "data.normalize=none",
             "train.lr=0.1", "train.weight_decay=0.0005", "train.batch_size=64", "train.lr_schedule=constant",
             "eval.every=10", "eval.personalized=false")
@@ -91,9 +93,9 @@ def plan(seeds: list[int], work: Path, device: str = "cpu", data_root: str = "..
     common = (f"device={device}", f"data.root={data_root}")
     pre = {s: PaperRun(f"pretrain-s{s}", (*PRETRAIN, f"seed={s}", *common), work / f"pretrain-s{s}") for s in seeds}
     runs: dict[tuple[str, int], PaperRun] = {}
-    for kind, extra in (("flip-dba", ("checkpoint_every=1",)),
-                        ("fedavg-none", (*FEDAVG, "attack.rounds=[]", "checkpoint_every=0")),
-                        ("fedavg-dba", (*FEDAVG, "checkpoint_every=0"))):
+    extras = {"flip-dba": ("checkpoint_every=1",), "fedavg-none": (*FEDAVG, "attack.rounds=[]", "checkpoint_every=0"),
+              "fedavg-dba": (*FEDAVG, "checkpoint_every=0")}
+    for kind, extra in extras.items():
         for s in seeds:
             runs[(kind, s)] = PaperRun(f"{kind}-s{s}", (PRESET, *extra, *common, "eval.personalized=false",
                                                         f"init_from={work}/pretrain-s{s}", f"seed={s}"),
@@ -188,6 +190,8 @@ def main() -> None:
     parser.add_argument("--results", default="backdoor_mnist_paper")
     parser.add_argument("--report-only", action="store_true", help="write the table from the runs as they are")
     parser.add_argument("--device", default="cpu", help="torch device of every run (cpu, cuda, auto)")
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help=f"runs to run (comma-separated, of {','.join(KINDS)}); the table shows every run found")
     parser.add_argument("--data-root", default="../shared/data",
                         help="folder holding mnist/train.npz (relative to the repository root)")
     args = parser.parse_args()
@@ -202,7 +206,11 @@ def main() -> None:
     start = time.time()
     failed: list[str] = []
     if not args.report_only:
-        failed = run_all([j for j in [*pre, *runs.values()] if not j.done()], args.jobs, start + 60 * args.budget_min)
+        kinds = args.kinds.split(",")
+        if unknown := sorted(set(kinds) - set(KINDS)):
+            parser.error(f"unknown --kinds {unknown}; expected some of {','.join(KINDS)}")
+        chosen = [run for (kind, _), run in runs.items() if kind in kinds]
+        failed = run_all([j for j in [*pre, *chosen] if not j.done()], args.jobs, start + 60 * args.budget_min)
     cmd = (f"python benchmarks/backdoor_paper.py --seeds {args.seeds} --jobs {args.jobs} --work {args.work} "
            f"--budget-min {args.budget_min:g}")
     if args.device != "cpu":
@@ -211,6 +219,8 @@ def main() -> None:
         cmd += f" --data-root {args.data_root}"
     if args.results != "backdoor_mnist_paper":
         cmd += f" --results {args.results}"
+    if args.kinds != ",".join(KINDS):
+        cmd += f" --kinds {args.kinds}"
     hardware = machine_note()
     if args.device != "cpu":
         import torch

@@ -113,6 +113,28 @@ def test_normalize_scales_to_unit_range_then_standardises_each_channel():
     assert torch.allclose(out, expect, atol=1e-6)
 
 
+def test_normalize_builds_its_constants_once_and_they_serve_a_later_backward(monkeypatch):
+    """Rules out a host-to-device copy on every call (a tensor from Python numbers: on a GPU it waits for the
+    device, and a CUDA graph cannot record it) and a constant first made under inference mode that a later
+    training step could not save for backward."""
+    import fedtrust.data.augment as aug
+
+    x = torch.tensor([[[[0, 255]], [[51, 102]]]], dtype=torch.uint8)
+    aug._channel_constants.cache_clear()
+    made = []
+    real = torch.tensor
+    monkeypatch.setattr(aug.torch, "tensor", lambda *a, **k: made.append(a) or real(*a, **k))
+    with torch.inference_mode():
+        first = normalize(x, mean=[0.5, 0.2], std=[0.5, 0.1])
+    xf = x.to(torch.get_default_dtype()).requires_grad_(True)  # as FLIP's stamped images: ÷ std saves std
+    out = normalize(xf, mean=(0.5, 0.2), std=(0.5, 0.1))  # a list or a tuple: the same constants
+    out.sum().backward()
+    assert len(made) == 2 and torch.equal(out.detach(), first)
+    assert xf.grad.flatten().tolist() == pytest.approx([1 / 127.5] * 2 + [1 / 25.5] * 2)  # d/dx of x/255/std
+    normalize(x, mean=[0.5, 0.2], std=[0.25, 0.1])
+    assert len(made) == 4  # other constants: made once more
+
+
 # ------------------------------------------------------------------ pipelines
 
 

@@ -20,6 +20,7 @@ on the 0..255 scale with clamping at 255, which leaves untouched pixels exact.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -97,11 +98,24 @@ def parse_augment(kind: str) -> tuple[str, ...]:
 
 
 def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """uint8 images → float (torch's default dtype), scaled to [0, 1] then standardised per channel."""
+    """uint8 images → float (torch's default dtype), scaled to [0, 1] then standardised per channel.
+
+    The per-channel constants are made once per device and dtype (:func:`_channel_constants`): on a GPU a
+    tensor built from Python numbers is a host-to-device copy, which waits for the device on every call and
+    cannot be recorded in a CUDA graph (FLIP's recorded inversion steps call this in every step)."""
     dtype = torch.get_default_dtype()
-    m = torch.tensor(mean, dtype=dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=dtype, device=x.device).view(1, -1, 1, 1)
+    m, s = _channel_constants(tuple(map(float, mean)), tuple(map(float, std)), dtype, x.device)
     return (x.to(dtype) / 255.0 - m) / s
+
+
+@functools.lru_cache(maxsize=64)
+def _channel_constants(mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype,
+                       device: torch.device) -> tuple[Tensor, Tensor]:
+    """``mean`` and ``std`` as (1, C, 1, 1) tensors on ``device``, normal tensors even when first asked for
+    under ``torch.inference_mode`` (an inference tensor cannot be saved for a later backward)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return (torch.tensor(mean, dtype=dtype, device=device).view(1, -1, 1, 1),
+                torch.tensor(std, dtype=dtype, device=device).view(1, -1, 1, 1))
 
 
 def _padding(width: int) -> int:

@@ -49,13 +49,21 @@ the sum, so with Adam being elementwise the two are exactly two independent
 inversions sharing forwards). :func:`inversion_step` is a pure function of
 tensors (state, noise, images, a ``logits_fn``) with no host syncs, so it can be
 ``torch.func.vmap``-ed over a leading client axis with ``functional_call`` in
-``logits_fn``; the drivers here run it for one model. Noise is drawn every step
-(used only by restarting triggers) on the generator's device and moved to the
-images', so the result depends only on the generator, not on the device.
+``logits_fn``; the drivers here run it for one model or vmap it over a batch of jobs.
+Every step's noise (used only by restarting triggers) is drawn on the generator's
+device before the loop and moved to the images', so the result depends only on the
+generator, not on the device.
+
+**Recorded steps.** Being pure and free of host syncs, the step can also be recorded
+as a CUDA graph: on a GPU :func:`_run_steps` records it once per shape (the job's
+images padded to a multiple of :data:`BUCKET`) and replays it every step, the state
+written back in place (:class:`_StaticStep`, :func:`use_cuda_graphs`).
 """
 
 from __future__ import annotations
 
+import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -347,61 +355,215 @@ class InversionJob:
 
     @staticmethod
     def solve_batch_of_one(job: "InversionJob") -> list[list[Trigger]]:
-        norm = job.normalize if job.normalize is not None else (lambda x: x)
         a, b = _start(job.k, tuple(job.images.shape[1:]), job.generator, job.images, job.params, job.inits)
+        noise = _step_noise(a.shape, b.shape, job.steps, job.generator, job.images)
+        images, group, target = job.images, job.group, job.target
+        if _static_mode(images.device) is not None:  # one shape per bucket, so recorded steps are reused
+            images, group, target = _pad_images(images, group, target, _bucket(len(images)), job.k)
+        state, hist = _run_steps(_step_fn(job), init_state(a, b, job.lam0), noise,
+                                 (job.weights, images, group, target), job.steps, ("one", *job.batch_key()),
+                                 job.shell)
+        return [_triggers(state, hist if hist is not None else _no_history(job.k, job.images))]
 
-        def logits_fn(x: Tensor) -> Tensor:
-            return functional_call(job.shell, job.weights, (norm(x),))
 
-        state, history = init_state(a, b, job.lam0), []
-        noise_a, noise_b = _step_noise(a.shape, b.shape, job.steps, job.generator, job.images)
-        with _eval_mode(job.shell):
-            for i in range(job.steps):
-                state, stats = inversion_step(state, (noise_a[i], noise_b[i]), logits_fn, job.images, job.group,
-                                              job.target, job.params)
-                history.append(stats)
-        return [_triggers(state, _history(history, job.k, job.images))]
+def _step_fn(job: InversionJob) -> Callable[..., tuple[InversionState, dict[str, Tensor]]]:
+    """``(state, noise, weights, images, group, target) -> (state, stats)``: one :func:`inversion_step` with the
+    job's architecture, normalisation and params (the same for every job of its :meth:`~InversionJob.batch_key`)."""
+    norm = job.normalize if job.normalize is not None else (lambda x: x)
+    shell, params = job.shell, job.params
+
+    def one(st: InversionState, noise: Raw, w: dict[str, Tensor], x: Tensor, grp: Tensor, tgt: Tensor):
+        return inversion_step(st, noise, lambda z: functional_call(shell, w, (norm(z),)), x, grp, tgt, params)
+
+    return one
 
 
 def _solve_stacked(jobs: list[InversionJob]) -> list[list[Trigger]]:
     """Several jobs of one key: one vmapped step over the stacked jobs (:meth:`InversionJob.solve_batch`)."""
     first = jobs[0]
-    norm = first.normalize if first.normalize is not None else (lambda x: x)
     n = max(len(j.images) for j in jobs)
-    images = torch.stack([F.pad(j.images, (0, 0, 0, 0, 0, 0, 0, n - len(j.images))) for j in jobs])
-    group = torch.stack([F.pad(j.group, (0, n - len(j.group)), value=first.k) for j in jobs])  # k: no trigger
-    target = torch.stack([F.pad(j.target, (0, n - len(j.target))) for j in jobs])
+    if _static_mode(first.images.device) is not None:
+        n = _bucket(n)
+    padded = [_pad_images(j.images, j.group, j.target, n, first.k) for j in jobs]
+    images, group, target = (torch.stack(parts) for parts in zip(*padded))
     weights = {name: torch.stack([j.weights[name] for j in jobs]) for name in first.weights}
     starts = [_start(j.k, tuple(j.images.shape[1:]), j.generator, j.images, j.params, j.inits) for j in jobs]
     state = _stack_states([init_state(a, b, j.lam0) for (a, b), j in zip(starts, jobs)])
-
-    def one(st: InversionState, noise: Raw, w: dict[str, Tensor], x: Tensor, grp: Tensor, tgt: Tensor):
-        return inversion_step(st, noise, lambda z: functional_call(first.shell, w, (norm(z),)), x, grp, tgt,
-                              first.params)
-
-    step = torch.func.vmap(one, randomness="error")
-    history = []
     draws = [_step_noise(starts[0][0].shape, starts[0][1].shape, first.steps, j.generator, j.images) for j in jobs]
     noise_a, noise_b = (torch.stack(d, dim=1) for d in zip(*draws))  # (steps, jobs, ...)
-    with _eval_mode(first.shell):
-        for i in range(first.steps):
-            state, stats = step(state, (noise_a[i], noise_b[i]), weights, images, group, target)
-            history.append(stats)
+    step = torch.func.vmap(_step_fn(first), randomness="error")
+    state, hist = _run_steps(step, state, (noise_a, noise_b), (weights, images, group, target), first.steps,
+                             ("stacked", *first.batch_key()), first.shell)
     out = []
     for i, job in enumerate(jobs):
         own = InversionState(*(leaf[i] for leaf in state))
-        out.append(_triggers(own, _history([{k: v[i] for k, v in st.items()} for st in history], job.k,
-                                           job.images)))
+        out.append(_triggers(own, {k: v[:, i] for k, v in hist.items()} if hist is not None
+                             else _no_history(job.k, job.images)))
     return out
+
+
+def _pad_images(images: Tensor, group: Tensor, target: Tensor, n: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Pad a job's images to ``n`` with zero images that no trigger owns (group ``k``: they count nowhere)."""
+    extra = n - len(images)
+    return (F.pad(images, (0, 0, 0, 0, 0, 0, 0, extra)), F.pad(group, (0, extra), value=k),
+            F.pad(target, (0, extra)))
+
+
+# ---------------------------------------------------------------- the step loop, eager or recorded
+
+STATS = ("hit", "l1", "ce", "lam")
+"""The per-step statistics of :func:`inversion_step`, in the order :class:`_StaticStep` stacks them."""
+BUCKET = 16
+"""Recorded steps pad a job's images to a multiple of this, so a few shapes (graphs) serve every batch."""
+GRAPH_CACHE_SIZE = 32
+"""Recorded steps kept (least recently used dropped); each holds its static buffers (and CUDA graph)."""
+_graphs: "OrderedDict[tuple, _StaticStep]" = OrderedDict()
+_cuda_graphs = True
+
+
+def use_cuda_graphs(enabled: bool) -> None:
+    """Whether inversions on a CUDA device replay their step as a CUDA graph (the default) or run it eagerly.
+
+    A step is a few hundred small kernels (a LeNet forward and backward on a few hundred images, vmapped over
+    the round's clients) launched from Python through ``torch.func``: eagerly the launches, not the GPU, bound
+    it (session 34: FLIP's paper round took 7–8 minutes on an H200). Recorded once per shape and replayed, a
+    step is one graph launch and three small copies. The numbers are those of the eager step on that device
+    up to the padding of the images (:data:`BUCKET`). Off: every step runs eagerly, as on the CPU."""
+    global _cuda_graphs
+    _cuda_graphs = bool(enabled)
+    _graphs.clear()
+
+
+def _static_mode(device: torch.device) -> str | None:
+    """How :func:`_run_steps` runs on ``device``: ``"cuda-graph"`` (a recorded CUDA graph), or None (eager).
+    Tests patch it to ``"replay"`` to run the static-buffer bookkeeping eagerly on the CPU."""
+    return "cuda-graph" if device.type == "cuda" and _cuda_graphs else None
+
+
+def _bucket(n: int) -> int:
+    return -(-n // BUCKET) * BUCKET
+
+
+def _run_steps(
+    step: Callable[..., tuple[InversionState, dict[str, Tensor]]], state: InversionState, noise: Raw,
+    args: tuple, steps: int, key: tuple, shell: nn.Module,
+) -> tuple[InversionState, dict[str, Tensor] | None]:
+    """Run ``steps`` steps from ``state`` (``noise`` holds every step's, on axis 0); the final state and the
+    per-step statistics (each (steps, ..., K); None for 0 steps). Eager, or through a :class:`_StaticStep`
+    recorded for ``key`` and the shapes of ``args`` (:func:`_static_mode`)."""
+    if steps == 0:
+        return state, None
+    mode = _static_mode(state.a.device)
+    if mode is None:
+        return _eager_steps(step, state, noise, args, steps, shell)
+    full = (mode, *key, _shapes(state, args))
+    runner = _graphs.pop(full, None)
+    if runner is None or runner.shell is not shell:
+        try:
+            with _eval_mode(shell):
+                runner = _StaticStep(step, state, (noise[0][0], noise[1][0]), args, shell, mode)
+        except RuntimeError as err:  # a step that cannot be recorded (a host sync in a new model): run eagerly
+            warnings.warn(f"could not record the inversion step as a CUDA graph ({err}); running it eagerly "
+                          "from now on (fedtrust.robust.inversion.use_cuda_graphs)", RuntimeWarning, stacklevel=2)
+            use_cuda_graphs(False)
+            return _eager_steps(step, state, noise, args, steps, shell)
+    _graphs[full] = runner  # most recently used last
+    while len(_graphs) > GRAPH_CACHE_SIZE:
+        _graphs.popitem(last=False)
+    return runner.run(state, noise, args, steps)
+
+
+def _eager_steps(step: Callable[..., tuple[InversionState, dict[str, Tensor]]], state: InversionState, noise: Raw,
+                 args: tuple, steps: int, shell: nn.Module) -> tuple[InversionState, dict[str, Tensor]]:
+    history = []
+    with _eval_mode(shell):
+        for i in range(steps):
+            state, stats = step(state, (noise[0][i], noise[1][i]), *args)
+            history.append(stats)
+    return state, {key: torch.stack([h[key] for h in history]) for key in STATS}
+
+
+def _leaves(args: tuple) -> list[Tensor]:
+    """The tensors of a step's arguments (tensors, or dicts of them: the weights), in order."""
+    out: list[Tensor] = []
+    for arg in args:
+        out.extend(arg.values() if isinstance(arg, dict) else [arg])
+    return out
+
+
+def _shapes(state: InversionState, args: tuple) -> tuple:
+    """What a recorded step is specific to: every buffer's shape, dtype and device, and the weights' names."""
+    names = tuple(tuple(arg) for arg in args if isinstance(arg, dict))
+    return names, tuple((tuple(x.shape), x.dtype, x.device) for x in [*state, *_leaves(args)])
+
+
+class _StaticStep:
+    """A step on fixed buffers: ``replay()`` runs ``step`` on them and writes the next state back in place.
+
+    On a GPU (mode ``"cuda-graph"``) that body is recorded once as a CUDA graph and each step is one replay;
+    mode ``"replay"`` runs the same body eagerly (the bookkeeping, checked on the CPU by the tests). The
+    statistics are stacked before the write-back (``lam`` is the step's input λ, a buffer the write-back
+    overwrites). The buffers are the recorded graph's memory: every call copies its inputs in and its
+    results out."""
+
+    def __init__(self, step: Callable[..., tuple[InversionState, dict[str, Tensor]]], state: InversionState,
+                 noise: Raw, args: tuple, shell: nn.Module, mode: str) -> None:
+        self.shell = shell  # held, so no other module can take its id (part of the cache key) while cached
+        self.state = InversionState(*(x.clone() for x in state))
+        self.noise = (noise[0].clone(), noise[1].clone())
+        self.args = tuple({n: v.clone() for n, v in a.items()} if isinstance(a, dict) else a.clone() for a in args)
+
+        def body() -> Tensor:
+            nxt, stats = step(self.state, self.noise, *self.args)
+            out = torch.stack([stats[k] for k in STATS])
+            for dst, src in zip(self.state, nxt):
+                dst.copy_(src)
+            return out
+
+        self.graph = None
+        if mode == "cuda-graph":
+            side = torch.cuda.Stream(device=state.a.device)
+            side.wait_stream(torch.cuda.current_stream(state.a.device))
+            with torch.cuda.stream(side):  # warm-up off the capture (lazy library set-up), state untouched
+                for _ in range(2):
+                    step(self.state, self.noise, *self.args)
+            torch.cuda.current_stream(state.a.device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.stats = body()
+        else:
+            self._body = body
+
+    def replay(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.stats = self._body()
+
+    def run(self, state: InversionState, noise: Raw, args: tuple, steps: int) -> tuple[InversionState,
+                                                                                      dict[str, Tensor]]:
+        for dst, src in zip(self.state, state):
+            dst.copy_(src)
+        for dst, src in zip(_leaves(self.args), _leaves(args)):
+            dst.copy_(src)
+        hist = self.state.lam.new_empty((steps, len(STATS), *self.state.lam.shape))
+        with _eval_mode(self.shell):
+            for i in range(steps):
+                self.noise[0].copy_(noise[0][i])
+                self.noise[1].copy_(noise[1][i])
+                self.replay()
+                hist[i].copy_(self.stats)
+        final = InversionState(*(x.clone() for x in self.state))
+        return final, {k: hist[:, j] for j, k in enumerate(STATS)}
 
 
 def _stack_states(states: list[InversionState]) -> InversionState:
     return InversionState(*(torch.stack(leaves) for leaves in zip(*states)))
 
 
-def _history(history: list[dict[str, Tensor]], k: int, like: Tensor) -> dict[str, Tensor]:
-    return {key: torch.stack([st[key] for st in history]) if history else like.new_zeros(0, k)
-            for key in ("hit", "l1", "ce", "lam")}
+def _no_history(k: int, like: Tensor) -> dict[str, Tensor]:
+    """The history of an inversion of 0 steps: (0, K) per statistic."""
+    return {key: like.new_zeros(0, k) for key in STATS}
 
 
 def _triggers(state: InversionState, hist: dict[str, Tensor]) -> list[Trigger]:
