@@ -18,7 +18,9 @@ checkpoint (``fedtrust run --resume``) the next time the script runs with the sa
 written from the rounds each run has done, so a partial FLIP run is reported as partial (its round count is
 in the table), never extrapolated. Every run waits for its own pre-training, so ``--jobs`` may be as large as
 the machine allows. ``--device cuda`` runs them all on a GPU and ``--data-root`` names the folder holding
-``mnist/`` (``benchmarks/device_flip.sh`` does both on a lent GPU; results/backdoor_mnist_paper_gpu.md).
+``mnist/`` (``benchmarks/device_flip.sh`` does both on a lent GPU; results/backdoor_mnist_paper_gpu.md). A
+stopped run resumes on this invocation's ``--device`` and ``--data-root``, so a run moves between machines: a
+FLIP run checkpointed on the CPU continues on a GPU with its folder (and its pre-training's) carried there.
 
 Reported per run and seed, in %: clean accuracy and ASR at the last round done, both at the last round that
 every run of the seed reached (the fair comparison while FLIP is partial), and the first round whose ASR
@@ -70,8 +72,9 @@ class PaperRun:
         return (self.out / "summary.json").is_file()
 
     def start(self) -> subprocess.Popen:
-        if (self.out / "checkpoint.safetensors").is_file():
-            cmd = ["--resume", str(self.out)]
+        if (self.out / "checkpoint.safetensors").is_file():  # on this invocation's device and data root: a run
+            moved = [a for a in self.args if a.startswith(("device=", "data.root="))]  # moves between machines
+            cmd = ["--resume", str(self.out), *moved]
         else:  # never started, or stopped before its first checkpoint: start anew
             shutil.rmtree(self.out, ignore_errors=True)
             cmd = [*self.args, f"out={self.out}"]

@@ -15,6 +15,9 @@
 # at once after their pre-trainings, stopped after BUDGET_MIN minutes. Back in $OUT: $RESULTS.md (default
 # backdoor_mnist_paper_gpu.md, the table), inversion_graphs.md, runs.tgz (every run's config, metrics.jsonl,
 # summary and log; not the checkpoints, too large to come back), gpu.txt, equivalence.log, speed.log.
+# A run moves between machines (backdoor_paper.py resumes on the invocation's device): carry a CPU run's folder
+# (WORK=runs/bench-backdoor-paper, carry its flip-dba-s0 and pretrain-s0 folders) and KEEP_CHECKPOINTS=1 brings
+# it back with its checkpoint in parts (runs.tgz.part-*), to continue on the CPU or on the next lease.
 # Measured (session 34, results/backdoor_mnist_paper_gpu.md): FedAvg 1.2-3.2 s a round, FLIP's first round
 # 7-8 min with 11 other runs on the GPU: the paper's 90 FLIP rounds do not fit one lease.
 set -uo pipefail
@@ -43,11 +46,19 @@ fi
 
 status=0
 RESULTS="${RESULTS:-backdoor_mnist_paper_gpu}"
+WORK="${WORK:-runs/gpu}"
 python3 benchmarks/backdoor_paper.py --seeds "${SEEDS:-0,1,2}" --jobs 12 --device cuda --data-root .devdata \
-    --work runs/gpu --budget-min "${BUDGET_MIN:-8}" --kinds "${KINDS:-flip-dba,fedavg-none,fedavg-dba}" \
+    --work "$WORK" --budget-min "${BUDGET_MIN:-8}" --kinds "${KINDS:-flip-dba,fedavg-none,fedavg-dba}" \
     --results "$RESULTS" 2>&1 | tee "$OUT/paper.log" || status=1
 cp "benchmarks/results/$RESULTS.md" "$OUT/" 2>/dev/null || status=1
-for log in runs/gpu/*.log; do echo "== $log"; tail -5 "$log"; done > "$OUT/run_tails.txt" 2>&1
-# metrics, summaries, configs and logs: with the checkpoints the archive was over the 16 MiB a file can take back
-tar czf "$OUT/runs.tgz" --exclude='*.safetensors' runs/gpu
+for log in "$WORK"/*.log; do echo "== $log"; tail -5 "$log"; done > "$OUT/run_tails.txt" 2>&1
+if [ "${KEEP_CHECKPOINTS:-0}" = 1 ]; then
+    # the runs with their latest checkpoints, to continue elsewhere (one run's FLIP client store grows to tens
+    # of MB): in parts of 15 MiB, under the 16 MiB a file can take back. Here: cat runs.tgz.part-* | tar xz
+    tar czf - --exclude='*.prev.safetensors' --exclude='report*' --exclude='eval_scores.npz' "$WORK" \
+        | split -b 15M - "$OUT/runs.tgz.part-"
+else
+    # metrics, summaries, configs and logs: with the checkpoints the archive was over the 16 MiB a file can take back
+    tar czf "$OUT/runs.tgz" --exclude='*.safetensors' "$WORK"
+fi
 exit $status

@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import fedtrust
+from fedtrust.errors import CheckpointError
 from fedtrust.fl.sampling import sample_clients
 from fedtrust.runner.rundir import read_metrics
 
@@ -277,3 +278,28 @@ def test_kill_anywhere_many_times_then_resume_equals_the_uninterrupted_run(tmp_p
     while not (killed / "summary.json").exists():
         resume(killed)
     assert_same_run(killed, full)
+
+
+def test_a_run_moves_to_another_folder_data_root_and_device_on_resume(tmp_path, capsys):
+    """A run killed on one machine continues on another: its folder copied elsewhere, resumed with a new
+    ``data.root`` and ``device`` (``auto``: the CPU here, as before, so the numbers must stay exact). Rules out
+    refusing such a resume (the checkpoint's config names where it ran) and a resume that lets any other key
+    change with them."""
+    rounds, args = 5, [*SMALL, "device=cpu", "checkpoint_every=1"]
+    full, killed, moved = tmp_path / "full", tmp_path / "killed", tmp_path / "elsewhere" / "run"
+    run_through(full, args, rounds)
+    run_and_kill(killed, args, rounds, after=2)  # round 2 written: round 1's checkpoint is on disk
+    shutil.copytree(killed, moved)
+    with pytest.raises(CheckpointError, match=r"train\.lr .*a resume may change only out, device, data\.root"):
+        fedtrust.run(None, ["train.lr=0.5", "device=auto"], resume=moved, progress=False, report=False)
+    fedtrust.run(None, ["device=auto", f"data.root={tmp_path / 'data'}"], resume=moved, progress=True, report=False)
+    assert "resuming with a new device (checkpoint 'cpu', now 'auto')" in capsys.readouterr().out
+    got, want = read_metrics(moved), read_metrics(full)
+    assert [strip_timing(r) for r in got] == [strip_timing(r) for r in want]
+    meta = checkpoint_meta(moved)
+    assert meta["config"].pop("device") == "auto" and meta["config"]["data"].pop("root") == str(tmp_path / "data")
+    reference = checkpoint_meta(full)
+    reference["config"].pop("device"), reference["config"]["data"].pop("root")
+    assert meta == reference
+    w_got, w_want = (load_file(str(d / "checkpoint.safetensors")) for d in (moved, full))
+    assert w_got.keys() == w_want.keys() and all(torch.equal(w_got[k], w_want[k]) for k in w_want)

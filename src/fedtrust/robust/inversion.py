@@ -62,6 +62,7 @@ written back in place (:class:`_StaticStep`, :func:`use_cuda_graphs`).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -522,15 +523,16 @@ class _StaticStep:
 
         self.graph = None
         if mode == "cuda-graph":
-            side = torch.cuda.Stream(device=state.a.device)
-            side.wait_stream(torch.cuda.current_stream(state.a.device))
-            with torch.cuda.stream(side):  # warm-up off the capture (lazy library set-up), state untouched
-                for _ in range(2):
-                    step(self.state, self.noise, *self.args)
-            torch.cuda.current_stream(state.a.device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.stats = body()
+            with torch.cuda.device(state.a.device):  # the graph's device is the current one when it records
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up off the capture (lazy library set-up), state untouched
+                    for _ in range(2):
+                        step(self.state, self.noise, *self.args)
+                torch.cuda.current_stream().wait_stream(side)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.stats = body()
         else:
             self._body = body
 
@@ -547,7 +549,8 @@ class _StaticStep:
         for dst, src in zip(_leaves(self.args), _leaves(args)):
             dst.copy_(src)
         hist = self.state.lam.new_empty((steps, len(STATS), *self.state.lam.shape))
-        with _eval_mode(self.shell):
+        on_device = torch.cuda.device(self.state.a.device) if self.graph is not None else contextlib.nullcontext()
+        with _eval_mode(self.shell), on_device:  # a graph replays on the current device's stream
             for i in range(steps):
                 self.noise[0].copy_(noise[0][i])
                 self.noise[1].copy_(noise[1][i])

@@ -186,6 +186,12 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+RELOCATABLE = ("out", "device", "data.root")
+"""Config keys that say where a run runs, not what it computes: a resume may change them, so a run moves between
+machines (a CPU run continued on a GPU, a data set kept elsewhere). The algorithm, data and seed are the same;
+on another device the floats may differ in their last bits from an uninterrupted run."""
+
+
 def config_mismatch(saved: dict[str, Any], current: dict[str, Any], ignore: tuple[str, ...] = ("out",)) -> list[str]:
     """Dotted keys whose values differ between two resolved configs."""
     diffs: list[str] = []

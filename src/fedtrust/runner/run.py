@@ -37,7 +37,7 @@ from fedtrust.fl.protocol import Message
 from fedtrust.metrics.backdoor import lifespan
 from fedtrust.runner import rundir
 from fedtrust.runner.callbacks import Checkpointer, DivergenceGuard, Evaluator, MetricsLogger, ProgressBar, RoundLines
-from fedtrust.runner.checkpoint import config_mismatch, load_checkpoint
+from fedtrust.runner.checkpoint import RELOCATABLE, config_mismatch, load_checkpoint
 from fedtrust.runner.config import RunConfig, build_config, config_to_dict, load_config, load_yaml
 from fedtrust.runner.federation import build_federation
 from fedtrust.runner.source import (check_source_unchanged, primary_model, read_source, recorded_source,  # noqa: F401
@@ -85,9 +85,12 @@ def run(config: RunConfig | dict | str | Path | None = None, overrides: list[str
         rundir.check_writable(run_dir, advice="make it writable to resume the run")
         ckpt = load_checkpoint(run_dir, console.print)
         cfg = recorded_source(cfg, ckpt.config)
-        diffs = config_mismatch(ckpt.config, config_to_dict(cfg))
+        diffs = config_mismatch(ckpt.config, config_to_dict(cfg), ignore=RELOCATABLE)
         if diffs:
-            raise CheckpointError(f"checkpoint in {str(run_dir)!r} was made with a different config: {'; '.join(diffs)}")
+            raise CheckpointError(f"checkpoint in {str(run_dir)!r} was made with a different config: {'; '.join(diffs)} "
+                                  f"(a resume may change only {', '.join(RELOCATABLE)})")
+        for moved in config_mismatch(ckpt.config, config_to_dict(cfg), ignore=("out",)):
+            console.print(f"resuming with a new {moved}")
         check_source_unchanged(cfg)
         source = None
     else:
