@@ -425,11 +425,12 @@ _cuda_graphs = True
 def use_cuda_graphs(enabled: bool) -> None:
     """Whether inversions on a CUDA device replay their step as a CUDA graph (the default) or run it eagerly.
 
-    A step is a few hundred small kernels (a LeNet forward and backward on a few hundred images, vmapped over
-    the round's clients) launched from Python through ``torch.func``: eagerly the launches, not the GPU, bound
-    it (session 34: FLIP's paper round took 7–8 minutes on an H200). Recorded once per shape and replayed, a
-    step is one graph launch and three small copies. The numbers are those of the eager step on that device
-    up to the padding of the images (:data:`BUCKET`). Off: every step runs eagerly, as on the CPU."""
+    A step is hundreds of small kernels (a LeNet forward and backward on the pair images of a round's clients,
+    vmapped over them) launched from Python through ``torch.func``: eagerly the launches, not the GPU, bound it
+    (session 34: FLIP's paper round took 7–8 minutes on an H200). Recorded once per shape and replayed, a step
+    is one graph launch and three small copies: 6.5–12.6× faster on an H200, the same masks to the bit
+    (benchmarks/results/inversion_graphs.md). The numbers are those of the eager step on that device up to the
+    padding of the images (:data:`BUCKET`). Off: every step runs eagerly, as on the CPU."""
     global _cuda_graphs
     _cuda_graphs = bool(enabled)
     _graphs.clear()
