@@ -224,12 +224,7 @@ def main() -> None:
         cmd += f" --results {args.results}"
     if args.kinds != ",".join(KINDS):
         cmd += f" --kinds {args.kinds}"
-    hardware = machine_note()
-    if args.device != "cpu":
-        import torch
-
-        if torch.cuda.is_available():
-            hardware += f"; GPU {torch.cuda.get_device_name(0)}, torch.version.cuda {torch.version.cuda}"
+    hardware = machine_note(args.device)
     lines = [f"# FLIP against continuous DBA on MNIST in the paper's regime (issue 15) — `{args.results}`", "",
              f"Reproduce: `{cmd}` (from the repository root; rerun the same command to continue stopped runs; "
              "`PYTHONPATH=src` where fedtrust is not installed).", "",

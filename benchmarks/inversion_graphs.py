@@ -108,9 +108,7 @@ def main() -> None:
                          f"{r['eager'] / graph:.1f}" if graph else "—",
                          f"{r['diff']:.1e}" if "diff" in r else "—", str(r["agree"]) if "agree" in r else "—"])
             print(" | ".join(body[-1]), flush=True)
-    hardware = machine_note()
-    if torch.cuda.is_available():
-        hardware += f"; GPU {torch.cuda.get_device_name(0)}, torch.version.cuda {torch.version.cuda}"
+    hardware = machine_note(args.device)
     cmd = (f"python benchmarks/inversion_graphs.py --device {args.device} --steps {args.steps} "
            f"--repeats {args.repeats} --clients {args.clients} --images {args.images}")
     lines = ["# Trigger inversion on a GPU: eager steps against recorded CUDA graphs (issue 15)", "",

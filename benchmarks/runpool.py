@@ -231,8 +231,9 @@ def write_results(name: str, lines: list[str]) -> Path:
     return path
 
 
-def machine_note() -> str:
-    """CPU model, logical cores, RAM and torch version of this machine, for a results header."""
+def machine_note(device: str = "cpu") -> str:
+    """CPU model, logical cores, RAM and torch version of this machine, for a results header; with a CUDA
+    ``device`` (and a GPU present) also the GPU's name and torch's CUDA version."""
     import platform
 
     import torch
@@ -245,7 +246,10 @@ def machine_note() -> str:
     ram = ""
     if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
         ram = f", {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2 ** 30:.1f} GiB RAM"
-    return f"{cpu}, {os.cpu_count()} logical cores{ram}; Python {platform.python_version()}, torch {torch.__version__}"
+    note = f"{cpu}, {os.cpu_count()} logical cores{ram}; Python {platform.python_version()}, torch {torch.__version__}"
+    if device != "cpu" and torch.cuda.is_available():
+        note += f"; GPU {torch.cuda.get_device_name(0)}, torch.version.cuda {torch.version.cuda}"
+    return note
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
