@@ -100,6 +100,13 @@ class Scripted(nn.Module):
         return 5.0 * F.one_hot(labels, 10).to(x) + 0.0 * x.flatten(1).sum(1, keepdim=True)
 
 
+class _Log(list):
+    """A record the model's copies share (the inversion may call a copy holding the same weights)."""
+
+    def __deepcopy__(self, memo: dict) -> "_Log":
+        return self
+
+
 class Biased(nn.Module):
     """A linear model with a large bias to class 0: class 2 is out of reach, yet the CE has a gradient."""
 
@@ -109,7 +116,7 @@ class Biased(nn.Module):
         with torch.no_grad():
             self.net[1].weight.copy_(torch.randn(10, 64, generator=torch.Generator().manual_seed(3)) / 8)
             self.net[1].bias.zero_()[0] = 50.0
-        self.seen_training: list[bool] = []
+        self.seen_training: list[bool] = _Log()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.seen_training.append(self.training)

@@ -63,6 +63,7 @@ written back in place (:class:`_StaticStep`, :func:`use_cuda_graphs`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -205,9 +206,30 @@ def _objective(raw: Raw, lam: Tensor, logits_fn: LogitsFn, images: Tensor, group
     return (ce + lam * l1).sum(), (hit.detach(), l1.detach(), ce.detach())
 
 
+def functorch_gradient(raw: Raw, lam: Tensor, logits_fn: LogitsFn, images: Tensor, group: Tensor,
+                       target: Tensor) -> tuple[Raw, tuple[Tensor, Tensor, Tensor]]:
+    """∂L/∂(a, b) of :func:`_objective` and its aux by ``torch.func.grad``: a pure function, so the step can
+    be vmapped over jobs and recorded as a CUDA graph."""
+    return grad(_objective, has_aux=True)(raw, lam, logits_fn, images, group, target)
+
+
+def autograd_gradient(raw: Raw, lam: Tensor, logits_fn: LogitsFn, images: Tensor, group: Tensor,
+                      target: Tensor) -> tuple[Raw, tuple[Tensor, Tensor, Tensor]]:
+    """The same gradient by ``torch.autograd.grad`` on a model called directly: the eager single-job step.
+
+    Equal to :func:`functorch_gradient` to the bit (the same kernels), without ``torch.func``'s wrapping of
+    every tensor or ``functional_call``'s swapping of the weights each step (LeNet on 12 MNIST images: 7.5 →
+    5.8 ms a step on one CPU thread; ``benchmarks/inversion_cpu.py``)."""
+    a, b = (r.detach().requires_grad_(True) for r in raw)
+    with torch.enable_grad():
+        loss, aux = _objective((a, b), lam, logits_fn, images, group, target)
+        g_a, g_b = torch.autograd.grad(loss, (a, b))
+    return (g_a, g_b), aux
+
+
 def inversion_step(
     state: InversionState, noise: Raw, logits_fn: LogitsFn, images: Tensor, group: Tensor, target: Tensor,
-    params: InversionParams,
+    params: InversionParams, gradient: Callable[..., tuple[Raw, tuple[Tensor, Tensor, Tensor]]] = functorch_gradient,
 ) -> tuple[InversionState, dict[str, Tensor]]:
     """One step for K triggers: loss and gradient, best and restart, Adam, adaptive λ (module docstring).
 
@@ -216,12 +238,14 @@ def inversion_step(
         noise: U(−1, 1) draws shaped like ``(state.a, state.b)``, scaled here by ``params.restart_noise``.
         logits_fn: stamped [0, 1] images → logits (normalisation and the model's tensors bound inside).
         images: (N, C, H, W) in [0, 1]; ``group`` (N,) which trigger stamps each; ``target`` (N,) its target.
+        gradient: how ∂L/∂(a, b) is taken: :func:`functorch_gradient` (pure: vmap, CUDA graphs) or
+            :func:`autograd_gradient` (eager, a model with its own weights in ``logits_fn``).
 
     Returns:
         the next state and this step's ``hit``, ``l1``, ``ce``, ``lam`` (each (K,)).
     """
     s, p = state, params
-    (g_a, g_b), (hit, l1, ce) = grad(_objective, has_aux=True)((s.a, s.b), s.lam, logits_fn, images, group, target)
+    (g_a, g_b), (hit, l1, ce) = gradient((s.a, s.b), s.lam, logits_fn, images, group, target)
     ok = hit >= p.tau_inv
     better = ok & (l1 < s.best_l1)
     ba, bb = better.view(-1, 1, 1), better.view(-1, 1, 1, 1)
@@ -361,9 +385,11 @@ class InversionJob:
         images, group, target = job.images, job.group, job.target
         if _static_mode(images.device) is not None:  # one shape per bucket, so recorded steps are reused
             images, group, target = _pad_images(images, group, target, _bucket(len(images)), job.k)
-        state, hist = _run_steps(_step_fn(job), init_state(a, b, job.lam0), noise,
-                                 (job.weights, images, group, target), job.steps, ("one", *job.batch_key()),
-                                 job.shell)
+            step, args = _step_fn(job), (job.weights, images, group, target)
+        else:  # eager: autograd on a private copy of the model holding the job's weights
+            step, args = _bound_step_fn(job), (images, group, target)
+        state, hist = _run_steps(step, init_state(a, b, job.lam0), noise, args, job.steps,
+                                 ("one", *job.batch_key()), job.shell)
         return [_triggers(state, hist if hist is not None else _no_history(job.k, job.images))]
 
 
@@ -377,6 +403,91 @@ def _step_fn(job: InversionJob) -> Callable[..., tuple[InversionState, dict[str,
         return inversion_step(st, noise, lambda z: functional_call(shell, w, (norm(z),)), x, grp, tgt, params)
 
     return one
+
+
+def _bound_step_fn(job: InversionJob) -> Callable[..., tuple[InversionState, dict[str, Tensor]]]:
+    """``(state, noise, images, group, target) -> (state, stats)``: one :func:`inversion_step` by
+    :func:`autograd_gradient` on :func:`_bound_model` (the eager step of a lone job)."""
+    model = _bound_model(job.shell, job.weights)
+    norm = job.normalize if job.normalize is not None else (lambda x: x)
+    params = job.params
+
+    def one(st: InversionState, noise: Raw, x: Tensor, grp: Tensor, tgt: Tensor):
+        return inversion_step(st, noise, lambda z: model(norm(z)), x, grp, tgt, params, autograd_gradient)
+
+    return one
+
+
+def _bound_model(shell: nn.Module, weights: dict[str, Tensor]) -> nn.Module:
+    """A copy of ``shell`` in eval mode whose parameters and buffers are ``weights`` (shared, not copied; no
+    gradient reaches them), so the shared ``shell`` is never touched."""
+    model = copy.deepcopy(shell).eval()
+    names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    if names != set(weights):
+        raise ConfigError(f"inversion weights do not fit the model: missing {sorted(names - set(weights))}, "
+                          f"unexpected {sorted(set(weights) - names)}")
+    for name, value in weights.items():
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if leaf in module._parameters:
+            module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+        else:
+            module._buffers[leaf] = value
+    for module in model.modules():
+        if _thin_cpu_conv(module):
+            module.forward = _AtenConv.bind(module)  # this copy's instance only
+    return model
+
+
+ATEN_CONV_MAX_IN_CHANNELS = 3
+"""On a CPU, a lone inversion runs every plain ``nn.Conv2d`` with at most this many input channels per group
+(an image model's first layer) on ATen's kernels instead of oneDNN's (:class:`_AtenConv`). 0: never.
+
+oneDNN's input gradient for such thin convolutions is slow on the CPUs measured (one thread, 12 images, AMD
+EPYC): 1.75 ms against ATen's 0.19 for LeNet's 1→20 5×5 conv on 28×28, 1.22 against 0.45 for 3→32 3×3 on
+32×32, while wider layers are as fast or faster on oneDNN (32→64 3×3 on 14×14: 0.93 against 1.43), so the
+choice is per layer, not global (``benchmarks/inversion_cpu.py``). The numbers differ from oneDNN's by float
+rounding only."""
+
+
+def _thin_cpu_conv(module: nn.Module) -> bool:
+    """Whether ``module`` is a plain, zero-padded ``nn.Conv2d`` on the CPU thin enough for :class:`_AtenConv`."""
+    return (type(module) is nn.Conv2d and module.weight.device.type == "cpu" and module.padding_mode == "zeros"
+            and isinstance(module.padding, tuple) and module.in_channels // module.groups <= ATEN_CONV_MAX_IN_CHANNELS
+            and torch.backends.mkldnn.is_available() and bool(torch.backends.mkldnn.enabled))
+
+
+class _AtenConv(torch.autograd.Function):
+    """A frozen convolution (no gradient to its weights) whose forward and input gradient run with oneDNN off.
+
+    The switch is torch's global ``torch.backends.mkldnn.enabled``, turned off for the one op and restored."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, conv: nn.Conv2d) -> Tensor:  # type: ignore[override]
+        ctx.conv, ctx.shape = conv, x.shape
+        with _onednn_off():
+            return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        c = ctx.conv
+        with _onednn_off():
+            return torch.nn.grad.conv2d_input(ctx.shape, c.weight, grad_out, c.stride, c.padding, c.dilation,
+                                              c.groups), None
+
+    @staticmethod
+    def bind(conv: nn.Conv2d) -> Callable[[Tensor], Tensor]:
+        return lambda x: _AtenConv.apply(x, conv)
+
+
+@contextlib.contextmanager
+def _onednn_off():
+    was = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = was
 
 
 def _solve_stacked(jobs: list[InversionJob]) -> list[list[Trigger]]:
