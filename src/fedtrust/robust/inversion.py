@@ -54,6 +54,11 @@ Every step's noise (used only by restarting triggers) is drawn on the generator'
 device before the loop and moved to the images', so the result depends only on the
 generator, not on the device.
 
+**Eager steps.** A lone job solved eagerly (on a CPU) takes its gradient with ``torch.autograd`` on a
+private copy of the model holding the job's weights (:func:`autograd_gradient`, :func:`_bound_model`), whose
+thin convolutions run on ATen's kernels (:data:`ATEN_CONV_MAX_IN_CHANNELS`): 1.1–1.7× the ``torch.func``
+step on a CPU, the vmapped and recorded paths keep the pure one.
+
 **Recorded steps.** Being pure and free of host syncs, the step can also be recorded
 as a CUDA graph: on a GPU :func:`_run_steps` records it once per shape (the job's
 images padded to a multiple of :data:`BUCKET`) and replays it every step, the state
@@ -217,9 +222,11 @@ def autograd_gradient(raw: Raw, lam: Tensor, logits_fn: LogitsFn, images: Tensor
                       target: Tensor) -> tuple[Raw, tuple[Tensor, Tensor, Tensor]]:
     """The same gradient by ``torch.autograd.grad`` on a model called directly: the eager single-job step.
 
-    Equal to :func:`functorch_gradient` to the bit (the same kernels), without ``torch.func``'s wrapping of
-    every tensor or ``functional_call``'s swapping of the weights each step (LeNet on 12 MNIST images: 7.5 →
-    5.8 ms a step on one CPU thread; ``benchmarks/inversion_cpu.py``)."""
+    The same kernels as :func:`functorch_gradient`, so the same numbers: to the bit in float64 and on the
+    1-channel models benchmarked (a 3-channel pattern's gradient may differ in its last bit, its broadcast
+    summed in another order), without ``torch.func``'s wrapping of every tensor or ``functional_call``'s
+    swapping of the weights each step (LeNet on 12 MNIST images: 7.6 → 6.8 ms a step on one CPU thread;
+    ``benchmarks/results/inversion_cpu.md``)."""
     a, b = (r.detach().requires_grad_(True) for r in raw)
     with torch.enable_grad():
         loss, aux = _objective((a, b), lam, logits_fn, images, group, target)
