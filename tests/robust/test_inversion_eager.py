@@ -109,10 +109,11 @@ def test_the_bound_model_refuses_weights_of_another_architecture():
 
 
 class OneConv(nn.Module):
-    def __init__(self, c_in: int) -> None:
+    def __init__(self, c_in: int, stride: int = 1, dilation: int = 1, groups: int = 1) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(c_in, 8, 5, padding=2)
-        self.head = nn.Linear(8 * 10 * 10, 10)
+        self.conv = nn.Conv2d(c_in, 8, 5, padding=2, stride=stride, dilation=dilation, groups=groups)
+        side = (10 + 4 - dilation * 4 - 1) // stride + 1
+        self.head = nn.Linear(8 * side * side, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.relu(self.conv(x)).flatten(1))
@@ -126,13 +127,15 @@ def _logits_and_input_grad(model: nn.Module, x: torch.Tensor) -> tuple[torch.Ten
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN to avoid")
-@pytest.mark.parametrize("c_in, thin", [(1, True), (3, True), (4, False)])
-def test_thin_convolutions_run_on_aten_kernels_in_forward_and_backward(c_in, thin):
-    """A thin first layer (≤ ATEN_CONV_MAX_IN_CHANNELS input channels) computes, forward and input gradient,
-    exactly what the layer computes with oneDNN off everywhere; a wider one is left on oneDNN (exactly the
-    shell's numbers); the global switch is restored after each op."""
+@pytest.mark.parametrize("c_in, stride, dilation, groups, thin",
+                         [(1, 1, 1, 1, True), (3, 1, 1, 1, True), (3, 2, 2, 1, True), (4, 1, 1, 1, False),
+                          (2, 1, 1, 2, False)])
+def test_thin_convolutions_run_on_aten_kernels_in_forward_and_backward(c_in, stride, dilation, groups, thin):
+    """A thin first layer (≤ ATEN_CONV_MAX_IN_CHANNELS input channels, ungrouped; strided and dilated too)
+    computes, forward and input gradient, exactly what the layer computes with oneDNN off everywhere; a
+    wider or grouped one is left on oneDNN (exactly the shell's numbers); the global switch is restored."""
     torch.manual_seed(c_in)
-    shell = OneConv(c_in).eval()
+    shell = OneConv(c_in, stride, dilation, groups).eval()
     bound = inversion._bound_model(shell, _weights(shell))
     x = torch.rand(6, c_in, 10, 10)
     got = _logits_and_input_grad(bound, x)

@@ -447,7 +447,7 @@ def _bound_model(shell: nn.Module, weights: dict[str, Tensor]) -> nn.Module:
 
 
 ATEN_CONV_MAX_IN_CHANNELS = 3
-"""On a CPU, a lone inversion runs every plain ``nn.Conv2d`` with at most this many input channels per group
+"""On a CPU, a lone inversion runs every plain, ungrouped ``nn.Conv2d`` with at most this many input channels
 (an image model's first layer) on ATen's kernels instead of oneDNN's (:class:`_AtenConv`). 0: never.
 
 oneDNN's input gradient for such thin convolutions is slow on the CPUs measured (one thread, 12 images, AMD
@@ -460,7 +460,7 @@ rounding only."""
 def _thin_cpu_conv(module: nn.Module) -> bool:
     """Whether ``module`` is a plain, zero-padded ``nn.Conv2d`` on the CPU thin enough for :class:`_AtenConv`."""
     return (type(module) is nn.Conv2d and module.weight.device.type == "cpu" and module.padding_mode == "zeros"
-            and isinstance(module.padding, tuple) and module.in_channels // module.groups <= ATEN_CONV_MAX_IN_CHANNELS
+            and isinstance(module.padding, tuple) and module.groups == 1 and module.in_channels <= ATEN_CONV_MAX_IN_CHANNELS
             and torch.backends.mkldnn.is_available() and bool(torch.backends.mkldnn.enabled))
 
 
