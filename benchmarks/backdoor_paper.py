@@ -13,10 +13,10 @@ each seed:
 - ``flip-dba-s{seed}``: the preset (FLIP, τ read from the same run), checkpointed every round.
 
 One FLIP round costs about 6–7 min on one core of this CPU beside other work (the FedAvg runs 4–9 s; 11–15 min
-before session 36's eager inversion step), so a 90-round FLIP run takes about 9–10 h. ``--budget-min`` stops the runs after that many minutes; a stopped run resumes from its
-checkpoint (``fedtrust run --resume``) the next time the script runs with the same ``--work``. The table is
-written from the rounds each run has done, so a partial FLIP run is reported as partial (its round count is
-in the table), never extrapolated. Every run waits for its own pre-training, so ``--jobs`` may be as large as
+before session 36's eager inversion step), so a 90-round FLIP run takes about 9–10 h. ``--budget-min`` stops
+the runs after that many minutes; a stopped run resumes from its checkpoint (``fedtrust run --resume``) the
+next time the script runs with the same ``--work``. The table is written from the rounds each run has done,
+so a partial FLIP run is reported as partial (its round count is in the table), never extrapolated. Every run waits for its own pre-training, so ``--jobs`` may be as large as
 the machine allows. ``--device cuda`` runs them all on a GPU and ``--data-root`` names the folder holding
 ``mnist/`` (``benchmarks/device_flip.sh`` does both on a lent GPU; results/backdoor_mnist_paper_gpu.md). A
 stopped run resumes on this invocation's ``--device`` and ``--data-root``, so a run moves between machines: a

@@ -460,7 +460,8 @@ rounding only."""
 def _thin_cpu_conv(module: nn.Module) -> bool:
     """Whether ``module`` is a plain, zero-padded ``nn.Conv2d`` on the CPU thin enough for :class:`_AtenConv`."""
     return (type(module) is nn.Conv2d and module.weight.device.type == "cpu" and module.padding_mode == "zeros"
-            and isinstance(module.padding, tuple) and module.groups == 1 and module.in_channels <= ATEN_CONV_MAX_IN_CHANNELS
+            and isinstance(module.padding, tuple) and module.groups == 1
+            and module.in_channels <= ATEN_CONV_MAX_IN_CHANNELS
             and torch.backends.mkldnn.is_available() and bool(torch.backends.mkldnn.enabled))
 
 
