@@ -13,20 +13,22 @@ each seed:
 - ``flip-dba-s{seed}``: the preset (FLIP, τ read from the same run), checkpointed every round.
 
 One FLIP round costs about 6–7 min on one core of this CPU beside other work (the FedAvg runs 4–9 s; 11–15 min
-before session 36's eager inversion step), so a 90-round FLIP run takes about 9–10 h. ``--budget-min`` stops
-the runs after that many minutes; a stopped run resumes from its checkpoint (``fedtrust run --resume``) the
-next time the script runs with the same ``--work``. The table is written from the rounds each run has done,
-so a partial FLIP run is reported as partial (its round count is in the table), never extrapolated. Every run waits for its own pre-training, so ``--jobs`` may be as large as
-the machine allows. ``--device cuda`` runs them all on a GPU and ``--data-root`` names the folder holding
-``mnist/`` (``benchmarks/device_flip.sh`` does both on a lent GPU; results/backdoor_mnist_paper_gpu.md). A
-stopped run resumes on this invocation's ``--device`` and ``--data-root``, so a run moves between machines: a
-FLIP run checkpointed on the CPU continues on a GPU with its folder (and its pre-training's) carried there.
+before session 36's eager inversion step), so a 90-round FLIP run takes about 9–10 h. ``--budget-min`` stops the
+runs after that many minutes; a stopped run resumes from its checkpoint (``fedtrust run --resume``) the next time
+the script runs with the same ``--work``. The table is written from the rounds each run has done, so a partial
+FLIP run is reported as partial (its round count is in the table), never extrapolated. Every run waits for its
+own pre-training, so ``--jobs`` may be as large as the machine allows. ``--device cuda`` runs them all on a GPU
+and ``--data-root`` names the folder holding ``mnist/`` (``benchmarks/device_flip.sh`` does both on a lent GPU;
+results/backdoor_mnist_paper_gpu.md). A stopped run resumes on this invocation's ``--device`` and
+``--data-root``, so a run moves between machines: a FLIP run checkpointed on the CPU continues on a GPU with its
+folder (and its pre-training's) carried there.
 
 Reported per run and seed, in %: clean accuracy and ASR at the last round done, both at the last round that
 every run of the seed reached (the fair comparison while FLIP is partial), and the first round whose ASR
 reaches 10 % and 50 % ("—": not within the rounds done); FLIP also read with τ 0.4 (``acc_tau``, ``asr_tau``;
 refusals count as errors). The ASR per round every 10 rounds follows. Seconds per round: the median of the
-run's per-round durations.
+run's per-round durations. A plot (``<results>.png``) draws the ASR and the clean accuracy of every run per
+round, one column per seed.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runpool import (REPO, _die_with_parent, _one_thread_env, benchmark_parser, machine_note,  # noqa: E402
-                     md_table, with_analysis, write_results)
+from runpool import (REPO, RESULTS, _die_with_parent, _one_thread_env, benchmark_parser,  # noqa: E402
+                     machine_note, md_table, with_analysis, write_results)
 
 PRESET = "configs/flip-mnist-continuous.yaml"
 KINDS = ("flip-dba", "fedavg-none", "fedavg-dba")
@@ -153,11 +155,14 @@ def round_seconds(rows: list[dict]) -> str:
     return f"{statistics.median(steps):.1f}" if steps else "—"
 
 
+READINGS = (("FedAvg, no attack", "fedavg-none", "test_acc", "asr"),
+            ("FedAvg, continuous DBA", "fedavg-dba", "test_acc", "asr"),
+            ("FLIP (τ = 0), continuous DBA", "flip-dba", "test_acc", "asr"),
+            ("FLIP + τ 0.4, continuous DBA", "flip-dba", "acc_tau", "asr_tau"))
+"""The table's rows: label, run kind, clean-accuracy key and ASR key of its metrics."""
+
+
 def tables(seeds: list[int], runs: dict[tuple[str, int], PaperRun]) -> list[str]:
-    readings = (("FedAvg, no attack", "fedavg-none", "test_acc", "asr"),
-                ("FedAvg, continuous DBA", "fedavg-dba", "test_acc", "asr"),
-                ("FLIP (τ = 0), continuous DBA", "flip-dba", "test_acc", "asr"),
-                ("FLIP + τ 0.4, continuous DBA", "flip-dba", "acc_tau", "asr_tau"))
     lines: list[str] = []
     for s in seeds:
         rows = {kind: runs[(kind, s)].rows() for kind in ("fedavg-none", "fedavg-dba", "flip-dba")}
@@ -169,7 +174,7 @@ def tables(seeds: list[int], runs: dict[tuple[str, int], PaperRun]) -> list[str]
                   f"Rounds after the pre-training. \"Shared round\": round {common}, the last every run of this "
                   "seed reached.", ""]
         body, curve = [], []
-        for label, kind, acc, asr in readings:
+        for label, kind, acc, asr in READINGS:
             r = rows[kind]
             if not r:
                 continue
@@ -183,6 +188,47 @@ def tables(seeds: list[int], runs: dict[tuple[str, int], PaperRun]) -> list[str]
         lines += ["", f"ASR (%) every {EVERY} rounds:", ""]
         lines += md_table(["run", *(str(k) for k in range(EVERY, 91, EVERY))], curve)
     return lines
+
+
+def curves_plot(seeds: list[int], runs: dict[tuple[str, int], PaperRun], path: Path) -> bool:
+    """ASR (top) and clean accuracy (bottom) per round, one column per seed, every run of the table side by
+    side (FLIP black, dashed with τ); False (nothing written) when no run has rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [s for s in seeds if any(runs[(kind, s)].rows() for kind in KINDS)]
+    if not shown:
+        return False
+    fig, axes = plt.subplots(2, len(shown), figsize=(4.2 * len(shown) + 2.4, 6.4), squeeze=False, sharex=True)
+    style = {"fedavg-none": ("tab:blue", "-"), "fedavg-dba": ("tab:red", "-"), "flip-dba": ("black", "-")}
+    for col, s in enumerate(shown):
+        for label, kind, acc, asr in READINGS:
+            rows = runs[(kind, s)].rows()
+            color, line = style[kind]
+            line = "--" if asr == "asr_tau" else line
+            for ax, key in ((axes[0, col], asr), (axes[1, col], acc)):
+                ax.plot([r["round"] for r in rows], [100 * r[key] for r in rows], color=color, linestyle=line,
+                        linewidth=1.8 if kind == "flip-dba" else 1.2, label=label)
+        axes[0, col].set_title(f"seed {s}", fontsize=10)
+        axes[0, col].set_ylim(-3, 103)
+        axes[1, col].set_xlabel("round (after pre-training)")
+    axes[0, 0].set_ylabel("ASR (%)")
+    axes[1, 0].set_ylabel("clean accuracy (%)")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    for ax in axes[0, 1:]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, fontsize=8, loc="center right", frameon=False)
+    fig.suptitle("MNIST, continuous DBA, the paper's regime: ASR and clean accuracy per round (τ: refusals "
+                 "count as errors)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 2.2 / (4.2 * len(shown) + 2.4), 0.96))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def main() -> None:
@@ -233,6 +279,8 @@ def main() -> None:
              f"- Runs: `{PRESET}` as it is (module docstring); FedAvg rows add `{' '.join(FEDAVG)}`; pre-training "
              f"`{' '.join(PRETRAIN)}`. Accuracies and ASRs in %."]
     lines += tables(seeds, runs)
+    if curves_plot(seeds, runs, RESULTS / f"{args.results}.png"):
+        lines += ["", f"![ASR and clean accuracy per round, every run side by side]({args.results}.png)"]
     write_results(f"{args.results}.md", with_analysis(lines, args.analysis or f"benchmarks/{args.results}_analysis.md"))
     if failed:
         sys.exit("\n".join(failed))
