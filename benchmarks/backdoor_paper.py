@@ -202,14 +202,13 @@ def curves_plot(seeds: list[int], runs: dict[tuple[str, int], PaperRun], path: P
     if not shown:
         return False
     fig, axes = plt.subplots(2, len(shown), figsize=(4.2 * len(shown) + 2.4, 6.4), squeeze=False, sharex=True)
-    style = {"fedavg-none": ("tab:blue", "-"), "fedavg-dba": ("tab:red", "-"), "flip-dba": ("black", "-")}
+    color = {"fedavg-none": "tab:blue", "fedavg-dba": "tab:red", "flip-dba": "black"}
     for col, s in enumerate(shown):
         for label, kind, acc, asr in READINGS:
             rows = runs[(kind, s)].rows()
-            color, line = style[kind]
-            line = "--" if asr == "asr_tau" else line
+            line = "--" if asr == "asr_tau" else "-"
             for ax, key in ((axes[0, col], asr), (axes[1, col], acc)):
-                ax.plot([r["round"] for r in rows], [100 * r[key] for r in rows], color=color, linestyle=line,
+                ax.plot([r["round"] for r in rows], [100 * r[key] for r in rows], color=color[kind], linestyle=line,
                         linewidth=1.8 if kind == "flip-dba" else 1.2, label=label)
         axes[0, col].set_title(f"seed {s}", fontsize=10)
         axes[0, col].set_ylim(-3, 103)
