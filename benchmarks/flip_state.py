@@ -7,7 +7,12 @@ spec flip.md §2) and reports per target class, over every client that holds a s
 - the mean reference mask L1 (pixels) of the pairs into that target that reached τ_inv (``l1`` > 0): a
   backdoor's target class is expected to need the smallest masks;
 - the share of such pairs never inverted successfully (``l1`` = 0);
-- how many clients' ``mat_diff`` argmax (off the diagonal) points at that target: where phase B goes next.
+- how many clients' ``mat_diff`` argmax (off the diagonal) points at that target: where phase B goes next;
+- the share of the cached masks' mass (``flip/cache/<s>_<t>/a``, m = tanh(a)/2 + 1/2) on the real trigger's
+  pixels, the mean over the benign clients' pairs into that target, against the share a uniform mask puts
+  there (trigger pixels / H·W): whether the inversion toward the backdoor's target finds the trigger (spec §6:
+  "inverted masks toward target 2 should sit near the corner trigger"), and how much of the image's top rows
+  the other targets' masks take anyway.
 
 And per run: how many clients have a priority above 10, and the largest. ``mat_diff`` moves by the relative
 growth (new − old)/old of a pair's mask, so a pair whose reference mask is a fraction of a pixel can jump to
@@ -26,7 +31,11 @@ from pathlib import Path
 
 import torch
 
-from fedtrust.runner.checkpoint import CHECKPOINT_NAME, CheckpointError, read_checkpoint
+from fedtrust.robust.inversion import to_mask
+from fedtrust.robust.triggers import stamped_pixels
+from fedtrust.runner.checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError, read_checkpoint
+from fedtrust.runner.config import build_config
+from fedtrust.runner.federation import asr_trigger, build_run_attack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runpool import md_table, write_results  # noqa: E402
@@ -35,13 +44,17 @@ HIGH = 10.0
 """A ``mat_diff`` priority above this is reported as blown up (a normalised priority starts at ≤ 1)."""
 
 
-def flip_states(run: Path) -> tuple[torch.Tensor, torch.Tensor, int, int | None]:
-    """The clients' stacked ``l1`` and ``mat_diff`` (clients × K × K) in ``run``'s checkpoint, its round, and the
-    backdoor's target label of its config (None without a backdoor attack)."""
+def load(run: Path) -> Checkpoint:
+    """``run``'s checkpoint, or exit with a one-line reason."""
     try:
-        ckpt = read_checkpoint(run / CHECKPOINT_NAME, rng=False)
+        return read_checkpoint(run / CHECKPOINT_NAME, rng=False)
     except CheckpointError as err:
         sys.exit(f"{run}: {err} (expected the folder of a FLIP run with checkpoint_every ≥ 1)")
+
+
+def flip_states(ckpt: Checkpoint, run: Path) -> tuple[torch.Tensor, torch.Tensor, int, int | None]:
+    """The clients' stacked ``l1`` and ``mat_diff`` (clients × K × K) in a FLIP run's checkpoint, its round, and
+    the backdoor's target label of its config (None without a backdoor attack)."""
     states = [msg.arrays for msg in ckpt.store.states.values() if "flip/mat_diff" in msg.arrays]
     if not states:
         sys.exit(f"{run}: no client holds a flip/mat_diff state: not a FLIP run with algorithm.invert=true")
@@ -65,6 +78,35 @@ def per_target(l1: torch.Tensor, diff: torch.Tensor) -> list[tuple[float, float,
     return out
 
 
+def trigger_share(ckpt: Checkpoint, k: int) -> tuple[list[float], float] | None:
+    """Per target t, the mean share of the benign clients' cached (s, t) masks' mass on the real trigger's
+    pixels (nan where no client caches a pair into t), and a uniform mask's share; None without a trigger."""
+    cfg = build_config(dict(ckpt.config))
+    attack = build_run_attack(cfg, k)
+    states = {cid: msg.arrays for cid, msg in ckpt.store.states.items()}
+    patterns = [v for a in states.values() for key, v in a.items() if key.startswith("flip/cache/")
+                and key.endswith("/b")]
+    if attack is None or not patterns:
+        return None
+    full = asr_trigger(attack, tuple(patterns[0].shape))
+    if full is None:
+        return None
+    pixels = stamped_pixels(full[0], tuple(patterns[0].shape)).double()
+    attackers = set(attack.targets.clients)
+    shares: list[list[float]] = [[] for _ in range(k)]
+    for cid, arrays in states.items():
+        if cid in attackers:
+            continue
+        for key, a in arrays.items():
+            parts = key.split("/")
+            if len(parts) == 4 and parts[:2] == ["flip", "cache"] and parts[3] == "a":
+                t = int(parts[2].split("_")[1])
+                m = to_mask(a.double())
+                shares[t].append(float((m * pixels).sum() / m.sum()))
+    means = [sum(v) / len(v) if v else float("nan") for v in shares]
+    return means, float(pixels.mean())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="FLIP run folders (each with checkpoint.safetensors)")
@@ -75,7 +117,9 @@ def main() -> None:
              f"Reproduce: `python benchmarks/flip_state.py {' '.join(str(r) for r in args.runs)}"
              + (f" --results {args.results}`" if args.results else "`"), ""]
     for run in args.runs:
-        l1, diff, rnd, target = flip_states(run)
+        ckpt = load(run)
+        l1, diff, rnd, target = flip_states(ckpt, run)
+        share = trigger_share(ckpt, l1.shape[1])
         off = diff.masked_fill(torch.eye(diff.shape[1], dtype=torch.bool), float("-inf"))
         top = off.reshape(len(off), -1).max(dim=1).values
         lines += [f"## {run} (round {rnd}; {len(l1)} clients with a state; backdoor target "
@@ -83,9 +127,13 @@ def main() -> None:
                   f"Clients with a `mat_diff` priority above {HIGH:g}: {int((top > HIGH).sum())}; the largest "
                   f"{top.max().item():.4g}.", ""]
         rows = [[f"{t}{' (backdoor)' if t == target else ''}", f"{m:.1f}", f"{100 * z:.1f}", str(c)]
+                + ([f"{100 * share[0][t]:.1f}"] if share else [])
                 for t, (m, z, c) in enumerate(per_target(l1, diff))]
-        lines += md_table(["target", "mean mask L1 (px), inverted pairs", "pairs never inverted (%)",
-                           "clients whose next pick aims here"], rows) + [""]
+        head = ["target", "mean mask L1 (px), inverted pairs", "pairs never inverted (%)",
+                "clients whose next pick aims here"]
+        if share:
+            head.append(f"mask mass on the trigger (%; uniform {100 * share[1]:.1f})")
+        lines += md_table(head, rows) + [""]
     if args.results:
         write_results(f"{args.results}.md", lines)
     else:
