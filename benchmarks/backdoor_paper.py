@@ -15,7 +15,12 @@ each seed:
   inversion fails at once, so its mask is all zeros, nothing is stamped and no batch is skipped as oversized,
   and the benign clients take FLIP's Adam steps (lr 0.01, betas (0.5, 0.9), up to 110 batches) on their clean
   data. What FLIP holds back that this run does not is the inversion's doing; what both hold back is Adam's
-  larger benign updates diluting the attackers' in the η/n-weighted mean.
+  larger benign updates diluting the attackers' in the η/n-weighted mean;
+- ``fliptau05-dba-s{seed}``: the preset with ``algorithm.tau_inv=0.5`` (``TAU05``; FLIP hard-codes 0.9), a
+  fedtrust tuning, checkpointed every round: an inversion then needs to flip half the source images, not 90 %,
+  so a backdoor the global model has only partly learnt can already be the cheapest trigger
+  (``benchmarks/inversion_probe.py``: on seed 0's FLIP model at 6 % ASR, half the inverted mask's mass lies
+  near the real trigger at τ_inv 0.5, a fifth to a third at 0.9).
 
 One FLIP round costs about 6–7 min on one core of this CPU beside other work (the FedAvg runs 4–9 s; 11–15 min
 before session 36's eager inversion step), so a 90-round FLIP run takes about 9–10 h. ``--budget-min`` stops the
@@ -54,14 +59,15 @@ from runpool import (REPO, RESULTS, _die_with_parent, _one_thread_env, benchmark
                      machine_note, md_table, with_analysis, write_results)
 
 PRESET = "configs/flip-mnist-continuous.yaml"
-KINDS = ("flip-dba", "fedavg-none", "fedavg-dba", "noinv-dba")
+KINDS = ("flip-dba", "fedavg-none", "fedavg-dba", "noinv-dba", "fliptau05-dba")
 """The attack runs of a seed: FLIP under continuous DBA, FedAvg without attack, FedAvg under DBA, FLIP without
-its inversion under DBA."""
+its inversion under DBA, FLIP at τ_inv 0.5 under DBA."""
 PRETRAIN = ("configs/fedavg-mnist.yaml", "rounds=10", "model.name=lenet", "data.alpha=0.5", "data.normalize=none",
             "train.lr=0.1", "train.weight_decay=0.0005", "train.batch_size=64", "train.lr_schedule=constant",
             "eval.every=10", "eval.personalized=false")
 FEDAVG = ("algorithm.invert=false", "train.epochs=1")
 NOINV = ("algorithm.warmup_steps=0", "algorithm.pair_steps=0", "algorithm.refine_steps=0")
+TAU05 = ("algorithm.tau_inv=0.5",)
 EVERY = 10  # the ASR-per-round table's spacing
 
 
@@ -106,7 +112,8 @@ def plan(seeds: list[int], work: Path, device: str = "cpu", data_root: str = "..
     pre = {s: PaperRun(f"pretrain-s{s}", (*PRETRAIN, f"seed={s}", *common), work / f"pretrain-s{s}") for s in seeds}
     runs: dict[tuple[str, int], PaperRun] = {}
     extras = {"flip-dba": ("checkpoint_every=1",), "fedavg-none": (*FEDAVG, "attack.rounds=[]", "checkpoint_every=0"),
-              "fedavg-dba": (*FEDAVG, "checkpoint_every=0"), "noinv-dba": (*NOINV, "checkpoint_every=5")}
+              "fedavg-dba": (*FEDAVG, "checkpoint_every=0"), "noinv-dba": (*NOINV, "checkpoint_every=5"),
+              "fliptau05-dba": (*TAU05, "checkpoint_every=1")}
     for kind, extra in extras.items():
         for s in seeds:
             runs[(kind, s)] = PaperRun(f"{kind}-s{s}", (PRESET, *extra, *common, "eval.personalized=false",
@@ -167,7 +174,9 @@ READINGS = (("FedAvg, no attack", "fedavg-none", "test_acc", "asr"),
             ("FLIP (τ = 0), continuous DBA", "flip-dba", "test_acc", "asr"),
             ("FLIP + τ 0.4, continuous DBA", "flip-dba", "acc_tau", "asr_tau"),
             ("FLIP without inversion (τ = 0), continuous DBA", "noinv-dba", "test_acc", "asr"),
-            ("FLIP without inversion + τ 0.4, continuous DBA", "noinv-dba", "acc_tau", "asr_tau"))
+            ("FLIP without inversion + τ 0.4, continuous DBA", "noinv-dba", "acc_tau", "asr_tau"),
+            ("FLIP τ_inv 0.5 (τ = 0), continuous DBA", "fliptau05-dba", "test_acc", "asr"),
+            ("FLIP τ_inv 0.5 + τ 0.4, continuous DBA", "fliptau05-dba", "acc_tau", "asr_tau"))
 """The table's rows: label, run kind, clean-accuracy key and ASR key of its metrics."""
 
 
@@ -211,7 +220,8 @@ def curves_plot(seeds: list[int], runs: dict[tuple[str, int], PaperRun], path: P
     if not shown:
         return False
     fig, axes = plt.subplots(2, len(shown), figsize=(4.2 * len(shown) + 2.4, 6.4), squeeze=False, sharex=True)
-    color = {"fedavg-none": "tab:blue", "fedavg-dba": "tab:red", "flip-dba": "black", "noinv-dba": "tab:green"}
+    color = {"fedavg-none": "tab:blue", "fedavg-dba": "tab:red", "flip-dba": "black", "noinv-dba": "tab:green",
+             "fliptau05-dba": "tab:purple"}
     for col, s in enumerate(shown):
         for label, kind, acc, asr in READINGS:
             rows = runs[(kind, s)].rows()
@@ -285,7 +295,7 @@ def main() -> None:
              f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; seeds {args.seeds}.",
              f"- Hardware: {hardware}; device `{args.device}`; one torch thread per run, {args.jobs} at a time.",
              f"- Runs: `{PRESET}` as it is (module docstring); FedAvg rows add `{' '.join(FEDAVG)}`; FLIP without "
-             f"inversion adds `{' '.join(NOINV)}`; pre-training "
+             f"inversion adds `{' '.join(NOINV)}`, FLIP τ_inv 0.5 `{' '.join(TAU05)}`; pre-training "
              f"`{' '.join(PRETRAIN)}`. Accuracies and ASRs in %."]
     lines += tables(seeds, runs)
     if curves_plot(seeds, runs, RESULTS / f"{args.results}.png"):

@@ -9,10 +9,12 @@ spec flip.md §2) and reports per target class, over every client that holds a s
 - the share of such pairs never inverted successfully (``l1`` = 0);
 - how many clients' ``mat_diff`` argmax (off the diagonal) points at that target: where phase B goes next;
 - the share of the cached masks' mass (``flip/cache/<s>_<t>/a``, m = tanh(a)/2 + 1/2) on the real trigger's
-  pixels, the mean over the benign clients' pairs into that target, against the share a uniform mask puts
-  there (trigger pixels / H·W): whether the inversion toward the backdoor's target finds the trigger (spec §6:
-  "inverted masks toward target 2 should sit near the corner trigger"), and how much of the image's top rows
-  the other targets' masks take anyway.
+  pixels, and within ``NEAR`` pixels of them, the mean over the benign clients' pairs into that target, against
+  the shares a uniform mask puts there: whether the inversion toward the backdoor's target finds the trigger
+  (spec §6: "inverted masks toward target 2 should sit near the corner trigger"), and how much of that corner
+  the other targets' masks take anyway. "Near" counts because a backdoored model answers to its trigger's
+  neighbourhood too: its 5×5 first convolutions see pixels next to the trigger's (on the MNIST FedAvg model
+  under DBA, a 3-pixel mask one row off the trigger flips 90 % of the images; ``inversion_probe.py``).
 
 And per run: how many clients have a priority above 10, and the largest. ``mat_diff`` moves by the relative
 growth (new − old)/old of a pair's mask, so a pair whose reference mask is a fraction of a pixel can jump to
@@ -40,6 +42,8 @@ from fedtrust.runner.federation import asr_trigger, build_run_attack
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runpool import md_table, write_results  # noqa: E402
 
+NEAR = 2
+"""Chebyshev distance (pixels) from the trigger within which a mask's mass counts as near it."""
 HIGH = 10.0
 """A ``mat_diff`` priority above this is reported as blown up (a normalised priority starts at ≤ 1)."""
 
@@ -78,9 +82,16 @@ def per_target(l1: torch.Tensor, diff: torch.Tensor) -> list[tuple[float, float,
     return out
 
 
-def trigger_share(ckpt: Checkpoint, k: int) -> tuple[list[float], float] | None:
-    """Per target t, the mean share of the benign clients' cached (s, t) masks' mass on the real trigger's
-    pixels (nan where no client caches a pair into t), and a uniform mask's share; None without a trigger."""
+def near(pixels: torch.Tensor, distance: int = NEAR) -> torch.Tensor:
+    """The (H, W) 0/1 map of the pixels within ``distance`` (Chebyshev) of a pixel of ``pixels``."""
+    grown = torch.nn.functional.max_pool2d(pixels[None, None].double(), 2 * distance + 1, 1, distance)
+    return grown[0, 0]
+
+
+def trigger_share(ckpt: Checkpoint, k: int) -> tuple[list[tuple[float, float]], tuple[float, float]] | None:
+    """Per target t, the mean shares of the benign clients' cached (s, t) masks' mass on the real trigger's
+    pixels and near them (nan where no client caches a pair into t), and a uniform mask's two shares; None
+    without a trigger."""
     cfg = build_config(dict(ckpt.config))
     attack = build_run_attack(cfg, k)
     states = {cid: msg.arrays for cid, msg in ckpt.store.states.items()}
@@ -92,8 +103,9 @@ def trigger_share(ckpt: Checkpoint, k: int) -> tuple[list[float], float] | None:
     if full is None:
         return None
     pixels = stamped_pixels(full[0], tuple(patterns[0].shape)).double()
+    around = near(pixels)
     attackers = set(attack.targets.clients)
-    shares: list[list[float]] = [[] for _ in range(k)]
+    shares: list[list[tuple[float, float]]] = [[] for _ in range(k)]
     for cid, arrays in states.items():
         if cid in attackers:
             continue
@@ -102,9 +114,9 @@ def trigger_share(ckpt: Checkpoint, k: int) -> tuple[list[float], float] | None:
             if len(parts) == 4 and parts[:2] == ["flip", "cache"] and parts[3] == "a":
                 t = int(parts[2].split("_")[1])
                 m = to_mask(a.double())
-                shares[t].append(float((m * pixels).sum() / m.sum()))
-    means = [sum(v) / len(v) if v else float("nan") for v in shares]
-    return means, float(pixels.mean())
+                shares[t].append((float((m * pixels).sum() / m.sum()), float((m * around).sum() / m.sum())))
+    means = [tuple(sum(c) / len(v) for c in zip(*v)) if v else (float("nan"), float("nan")) for v in shares]
+    return means, (float(pixels.mean()), float(around.mean()))
 
 
 def main() -> None:
@@ -127,12 +139,13 @@ def main() -> None:
                   f"Clients with a `mat_diff` priority above {HIGH:g}: {int((top > HIGH).sum())}; the largest "
                   f"{top.max().item():.4g}.", ""]
         rows = [[f"{t}{' (backdoor)' if t == target else ''}", f"{m:.1f}", f"{100 * z:.1f}", str(c)]
-                + ([f"{100 * share[0][t]:.1f}"] if share else [])
+                + ([f"{100 * share[0][t][0]:.1f}", f"{100 * share[0][t][1]:.1f}"] if share else [])
                 for t, (m, z, c) in enumerate(per_target(l1, diff))]
         head = ["target", "mean mask L1 (px), inverted pairs", "pairs never inverted (%)",
                 "clients whose next pick aims here"]
         if share:
-            head.append(f"mask mass on the trigger (%; uniform {100 * share[1]:.1f})")
+            head += [f"mask mass on the trigger (%; uniform {100 * share[1][0]:.1f})",
+                     f"within {NEAR} px of it (%; uniform {100 * share[1][1]:.1f})"]
         lines += md_table(head, rows) + [""]
     if args.results:
         write_results(f"{args.results}.md", lines)
