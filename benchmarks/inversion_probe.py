@@ -111,7 +111,8 @@ def main() -> None:
              f"- {args.images} non-target test images (the same for every run); FLIP's inversion "
              "(Neural-Cleanse mask and pattern, adaptive λ from 1e-3, Adam lr 0.1) from a random start; "
              "\"flipped by the real trigger\": the share of those images the run's full trigger sends to the target.",
-             ""]
+             "- s: wall seconds of one inversion, one torch thread (they include waiting for a core when other "
+             "work shares the machine).", ""]
     lines += md_table(["run", "round", "flipped by the real trigger (%)", "τ_inv", "seed", "reached", "mask L1 (px)",
                        "mask mass on the trigger (%)", f"within {NEAR} px of it (%)",
                        "trigger pixels covered (m > 0.5)", "s"], rows)
