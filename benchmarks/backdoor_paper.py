@@ -62,6 +62,9 @@ PRESET = "configs/flip-mnist-continuous.yaml"
 KINDS = ("flip-dba", "fedavg-none", "fedavg-dba", "noinv-dba", "fliptau05-dba")
 """The attack runs of a seed: FLIP under continuous DBA, FedAvg without attack, FedAvg under DBA, FLIP without
 its inversion under DBA, FLIP at τ_inv 0.5 under DBA."""
+COMPARED = ("flip-dba", "fedavg-none", "fedavg-dba")
+"""The runs whose last common round is the table's "shared round" (the ablation and the tuning, later and
+cheaper or later and slower, are read there when they have reached it, "—" otherwise)."""
 PRETRAIN = ("configs/fedavg-mnist.yaml", "rounds=10", "model.name=lenet", "data.alpha=0.5", "data.normalize=none",
             "train.lr=0.1", "train.weight_decay=0.0005", "train.batch_size=64", "train.lr_schedule=constant",
             "eval.every=10", "eval.personalized=false")
@@ -184,13 +187,14 @@ def tables(seeds: list[int], runs: dict[tuple[str, int], PaperRun]) -> list[str]
     lines: list[str] = []
     for s in seeds:
         rows = {kind: runs[(kind, s)].rows() for kind in KINDS}
-        have = [r[-1]["round"] for r in rows.values() if r]
-        if not have:
+        if not any(rows.values()):
             continue
-        common = min(have)
+        have = [rows[kind][-1]["round"] for kind in COMPARED if rows[kind]]
+        common = min(have) if have else min(r[-1]["round"] for r in rows.values() if r)
         lines += ["", f"## Seed {s}", "",
-                  f"Rounds after the pre-training. \"Shared round\": round {common}, the last every run of this "
-                  "seed reached.", ""]
+                  f"Rounds after the pre-training. \"Shared round\": round {common}, the last every run of "
+                  f"{', '.join(COMPARED)} of this seed reached (the other rows show \"—\" there until they reach it).",
+                  ""]
         body, curve = [], []
         for label, kind, acc, asr in READINGS:
             r = rows[kind]
