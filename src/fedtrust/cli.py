@@ -1,6 +1,7 @@
 """The ``fedtrust`` command: a thin layer over the Python API.
 
     fedtrust run [CONFIG.yaml] [key=value ...] [--resume RUN_DIR] [--quiet]
+    fedtrust fork RUN_DIR OUT_DIR [key=value ...]
     fedtrust report RUN_DIR [RUN_DIR ...] [-o OUT.html]
     fedtrust list [KIND]
     fedtrust audit RUN_DIR | CONFIG.yaml [key=value ...] [--attack dlg|ig|none] [--target gradient|update] ...
@@ -38,6 +39,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         else:
             raise FedTrustError(f"unexpected argument {item!r}: give one CONFIG.yaml and key=value overrides")
     run(config, overrides, resume=args.resume, progress=not args.quiet)
+    return 0
+
+
+def _cmd_fork(args: argparse.Namespace) -> int:
+    from fedtrust.runner.fork import fork_run
+
+    for item in args.overrides:
+        if "=" not in item:
+            raise FedTrustError(f"unexpected argument {item!r}: a fork takes RUN_DIR, OUT_DIR and key=value overrides")
+    out = fork_run(args.run_dir, args.out_dir, args.overrides)
+    print(f"forked {args.run_dir} into {out}; continue it with: fedtrust run --resume {out}")
     return 0
 
 
@@ -148,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
     p_run.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
     p_run.set_defaults(func=_cmd_run)
+    p_fork = sub.add_parser("fork", help="branch a run from its last checkpoint with some config keys changed; "
+                                         "continue the branch with run --resume OUT_DIR")
+    p_fork.add_argument("run_dir", metavar="RUN_DIR", help="the run to branch from (only read)")
+    p_fork.add_argument("out_dir", metavar="OUT_DIR", help="new run directory for the branch")
+    p_fork.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, e.g. algorithm.tau_inv=0.5 rounds=120 (not seed, data.*, model.*, "
+                             "algorithm.name, init_from, executor)")
+    p_fork.set_defaults(func=_cmd_fork)
     p_rep = sub.add_parser("report", help="write an HTML report of one or more run directories")
     p_rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p_rep.add_argument("-o", "--output", metavar="OUT.html", help="where to write the report")
