@@ -40,7 +40,7 @@ from fedtrust.runner.config import build_config
 from fedtrust.runner.federation import asr_trigger, build_run_attack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runpool import md_table, write_results  # noqa: E402
+from runpool import emit, md_table  # noqa: E402
 
 NEAR = 2
 """Chebyshev distance (pixels) from the trigger within which a mask's mass counts as near it."""
@@ -147,10 +147,7 @@ def main() -> None:
             head += [f"mask mass on the trigger (%; uniform {100 * share[1][0]:.1f})",
                      f"within {NEAR} px of it (%; uniform {100 * share[1][1]:.1f})"]
         lines += md_table(head, rows) + [""]
-    if args.results:
-        write_results(f"{args.results}.md", lines)
-    else:
-        print("\n".join(lines))
+    emit(lines, args.results)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from fedtrust.runner.fork import FORK_INFO
 from fedtrust.runner.rundir import read_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runpool import md_table, write_results  # noqa: E402
+from runpool import emit, md_table  # noqa: E402
 
 
 def fork_info(run: Path) -> dict[str, Any] | None:
@@ -83,10 +83,7 @@ def main(argv: list[str] | None = None) -> None:
              *table(args.runs)]
     if args.analysis is not None:
         lines += ["", args.analysis.read_text().rstrip()]
-    if args.results:
-        write_results(f"{args.results}.md", lines)
-    else:
-        print("\n".join(lines))
+    emit(lines, args.results)
 
 
 if __name__ == "__main__":

@@ -231,6 +231,14 @@ def write_results(name: str, lines: list[str]) -> Path:
     return path
 
 
+def emit(lines: list[str], results: str | None) -> None:
+    """Write ``benchmarks/results/<results>.md`` (and print it) when ``results`` is given, else only print."""
+    if results:
+        write_results(f"{results}.md", lines)
+    else:
+        print("\n".join(lines))
+
+
 def machine_note(device: str = "cpu") -> str:
     """CPU model, logical cores, RAM and torch version of this machine, for a results header; with a CUDA
     ``device`` (and a GPU present) also the GPU's name and torch's CUDA version."""
