@@ -235,3 +235,53 @@ def test_warmup_lr_sets_the_warmup_steps_only(one_thread, monkeypatch):
     assert seen and {lr for _, lr in seen} == {0.02}
     with pytest.raises(Exception, match="warmup_lr"):
         federation("algorithm.warmup_lr=0")
+
+
+def _warm_starts(fed, monkeypatch, visits=4, client=1):
+    """Per visit, each hardened pair (s, t) in order with whether its cache held a warm start for it."""
+    from fedtrust.algorithms.flip import _Hardening
+
+    harden = _Hardening.harden
+    log: list[tuple[int, int, bool]] = []
+
+    def spy(self, idx, s, t, counts, steps, lam):
+        log.append((s, t, (s, t) in self.st.cache))
+        return (yield from harden(self, idx, s, t, counts, steps, lam))
+
+    monkeypatch.setattr(_Hardening, "harden", spy)
+    torch.manual_seed(0)
+    state, store, per_visit = fed.algorithm.init(), ClientStore(), []
+    for r in range(1, visits + 1):
+        log.clear()
+        _, new = visit(fed, state, client, r, store.get(client))
+        store.set(client, new)
+        per_visit.append((list(log), new))
+    return per_visit
+
+
+def test_keep_cache_false_starts_each_visits_first_inversion_of_a_pair_at_random(one_thread, monkeypatch):
+    """``algorithm.keep_cache=false``: the pair cache lives for one visit. Rules out: a stale trigger from an
+    earlier visit warm-starting the first inversion of a pair, the cache dropped within a visit too (the
+    pair's second batch must still warm-start from its first), the cache kept in the stored state, and
+    ``mat_diff`` / ``l1`` forgotten with it. With the default (FLIP) a later visit does warm-start."""
+    kept = _warm_starts(federation("data.min_size=60"), monkeypatch)
+    assert any(hit for log, _ in kept[2:] for s, t, hit in _firsts(log)), "FLIP warm-starts later visits"
+    fresh = _warm_starts(federation("data.min_size=60", "algorithm.keep_cache=false"), monkeypatch)
+    for log, stored in fresh[1:]:
+        assert log, "phase B ran"
+        assert not any(hit for s, t, hit in _firsts(log)), "a pair's first inversion of a visit starts at random"
+        assert any(hit for _, _, hit in log), "within a visit the pair's next batch warm-starts from its first"
+        st = flip_state(stored)
+        assert not any(key.startswith("cache/") for key in st), "no trigger outlives its visit"
+        assert float(st["l1"].sum()) > 0 and bool(st["seen"])
+    assert not torch.equal(flip_state(fresh[3][1])["mat_diff"], flip_state(fresh[1][1])["mat_diff"])
+
+
+def _firsts(log):
+    """The entries of ``log`` for a pair none of whose orientations was hardened earlier in the visit."""
+    seen, out = set(), []
+    for s, t, hit in log:
+        if (s, t) not in seen and (t, s) not in seen:
+            out.append((s, t, hit))
+        seen |= {(s, t), (t, s)}
+    return out

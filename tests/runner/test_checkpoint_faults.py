@@ -14,7 +14,8 @@ from fedtrust.errors import CheckpointError
 from fedtrust.fl.executor import ClientStore
 from fedtrust.fl.types import Message
 from fedtrust.runner.checkpoint import (
-    CHECKPOINT_NAME, CORRUPT_NAME, PREVIOUS_NAME, Checkpoint, load_checkpoint, read_checkpoint, save_checkpoint,
+    CHECKPOINT_NAME, CORRUPT_NAME, PREVIOUS_NAME, Checkpoint, config_mismatch, load_checkpoint, read_checkpoint,
+    save_checkpoint,
 )
 
 pytestmark = [pytest.mark.usefixtures("one_thread")]
@@ -101,3 +102,14 @@ def test_a_kill_between_the_renames_resumes_from_the_previous_one_and_both_damag
         load_checkpoint(two_rounds)
     msg = str(err.value)
     assert "\n" not in msg and str(two_rounds / CHECKPOINT_NAME) in msg and str(two_rounds / PREVIOUS_NAME) in msg
+
+
+def test_config_mismatch_names_each_changed_key_and_shows_a_missing_one_as_unset():
+    """A component parameter set on one side only (the parent left it at its default, a newer fedtrust added
+    it) reads ``unset``, not ``None`` (which is also a value a key can hold). Rules out: nested keys missed,
+    ignored keys reported, and an explicit None confused with a key that is absent."""
+    saved = {"out": "a", "algorithm": {"name": "flip", "tau_inv": 0.9}, "init_from": None}
+    now = {"out": "b", "algorithm": {"name": "flip", "tau_inv": 0.5, "keep_cache": False}, "init_from": None}
+    assert config_mismatch(saved, now) == ["algorithm.keep_cache (checkpoint unset (the default), now False)",
+                                           "algorithm.tau_inv (checkpoint 0.9, now 0.5)"]
+    assert config_mismatch(saved, saved | {"init_from": "x"}, ignore=()) == ["init_from (checkpoint None, now 'x')"]

@@ -29,6 +29,13 @@ batches, ``train.drop_last``), at most ``max_steps`` of them:
   one Adam step, CE on the true labels over the whole batch. ``mat_diff[s, t]`` ← (mat_diff[s, t] + g)/2
   with g = (new − old)/old the relative growth of the pair's mask L1.
 
+``keep_cache=false`` (a fedtrust option; FLIP keeps the cache): a pair's cached trigger serves only the
+later batches of the same visit, and the first inversion of a pair in a visit starts at random. A client
+is revisited every ~16 rounds (6 benign slots of 96 clients), and a trigger cached on that old global
+model is a poor start on the new one: on MNIST's continuous DBA (seed 0, round 69, 200 steps toward 2),
+random starts found masks of 16–31 px, two of four on the trigger's rows, and the cached starts 37–89 px,
+none on them (``benchmarks/flip_fork_paper_cpu_analysis.md``). ``mat_diff`` and the reference L1 persist.
+
 A received model whose eval-mode logits are not finite (a γ-scaled model replacement can leave negative BN
 running variances) is not inverted on: the client takes plain Adam steps on its clean batches that round
 (``flip_unsound`` in the reply's meta), a step whose loss is not finite is skipped, and a non-finite trigger is
@@ -122,6 +129,10 @@ class Flip(FedAvg):
         max_mask_frac: float = Field(0.125, gt=0.0, le=1.0, description="skip rule: no step on a batch whose "
                                                                         "trigger's L1 exceeds this fraction of "
                                                                         "H·W (FLIP: 1/8)")
+        keep_cache: bool = Field(True, description="keep each pair's last trigger across the client's visits and "
+                                                   "warm-start from it (FLIP); false: the cache lives for one "
+                                                   "visit, so a pair's first inversion of a round starts at "
+                                                   "random (fedtrust option, module docstring)")
 
     # ---------------------------------------------------------------- client
 
@@ -160,6 +171,8 @@ class Flip(FedAvg):
         batches = local_batches(len(data), sched.batch_size, sched.epochs, sched.steps, ctx.generator,
                                 sched.drop_last)[:p.max_steps]
         st = _State.load(client_state, k, data.x.device)
+        if not p.keep_cache:
+            st.cache.clear()
         run = _Hardening(self, model, opt, data, ctx, st)
         if not run.sound():
             run.plain(batches)  # no inversion on a model whose eval-mode logits are not finite
@@ -172,6 +185,8 @@ class Flip(FedAvg):
                              num_examples=len(data), steps=run.steps, mean_loss=run.mean_loss())
         reply, _ = self.finish(message, result, client_state, ctx)
         reply.meta.update(run.counts)
+        if not p.keep_cache:
+            st.cache.clear()  # nothing of this visit's triggers outlives it (nor weighs on the checkpoint)
         return reply, st.save(client_state)
 
     def aggregate(self, state: Message, replies: dict[int, Message], round: int) -> tuple[Message, dict[str, Any]]:

@@ -193,8 +193,14 @@ on another device the floats may differ in their last bits from an uninterrupted
 
 
 def config_mismatch(saved: dict[str, Any], current: dict[str, Any], ignore: tuple[str, ...] = ("out",)) -> list[str]:
-    """Dotted keys whose values differ between two resolved configs."""
+    """Dotted keys whose values differ between two resolved configs.
+
+    A key one side lacks (a component's parameter left at its default there) shows as ``unset``."""
     diffs: list[str] = []
+    unset = object()
+
+    def show(v: Any) -> str:
+        return "unset (the default)" if v is unset else repr(v)
 
     def walk(a: Any, b: Any, prefix: str) -> None:
         if isinstance(a, dict) and isinstance(b, dict):
@@ -202,9 +208,9 @@ def config_mismatch(saved: dict[str, Any], current: dict[str, Any], ignore: tupl
                 key = f"{prefix}{k}"
                 if key in ignore:
                     continue
-                walk(a.get(k), b.get(k), key + ".")
+                walk(a.get(k, unset), b.get(k, unset), key + ".")
         elif a != b:
-            diffs.append(f"{prefix.rstrip('.')} (checkpoint {a!r}, now {b!r})")
+            diffs.append(f"{prefix.rstrip('.')} (checkpoint {show(a)}, now {show(b)})")
 
     walk(saved, current, "")
     return diffs
