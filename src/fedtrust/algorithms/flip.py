@@ -30,11 +30,13 @@ batches, ``train.drop_last``), at most ``max_steps`` of them:
   with g = (new − old)/old the relative growth of the pair's mask L1.
 
 ``keep_cache=false`` (a fedtrust option; FLIP keeps the cache): a pair's cached trigger serves only the
-later batches of the same visit, and the first inversion of a pair in a visit starts at random. A client
-is revisited every ~16 rounds (6 benign slots of 96 clients), and a trigger cached on that old global
-model is a poor start on the new one: on MNIST's continuous DBA (seed 0, round 69, 200 steps toward 2),
-random starts found masks of 16–31 px, two of four on the trigger's rows, and the cached starts 37–89 px,
-none on them (``benchmarks/flip_fork_paper_cpu_analysis.md``). ``mat_diff`` and the reference L1 persist.
+later batches of the same visit, and the first inversion of a pair in a visit starts at random (the last
+visit's triggers are still stored, for the report's masks, but warm-start nothing). A client
+is revisited every ~16 rounds (6 benign slots of 96 clients), and a trigger cached on an old global model
+is a poor start on the new one: on MNIST's continuous DBA (seed 0, round 69, s → 2 for the 9 sources, 200
+steps), random starts found masks of median 29 px with 33 % of their mass within 2 px of the trigger, cached
+starts 48 px and 10 % (``benchmarks/flip_warm_start.py``, ``benchmarks/results/flip_warm_start_paper_cpu.md``).
+``mat_diff`` and the reference L1 persist.
 
 A received model whose eval-mode logits are not finite (a γ-scaled model replacement can leave negative BN
 running variances) is not inverted on: the client takes plain Adam steps on its clean batches that round
@@ -130,9 +132,9 @@ class Flip(FedAvg):
                                                                         "trigger's L1 exceeds this fraction of "
                                                                         "H·W (FLIP: 1/8)")
         keep_cache: bool = Field(True, description="keep each pair's last trigger across the client's visits and "
-                                                   "warm-start from it (FLIP); false: the cache lives for one "
-                                                   "visit, so a pair's first inversion of a round starts at "
-                                                   "random (fedtrust option, module docstring)")
+                                                   "warm-start from it (FLIP); false: the cache warm-starts "
+                                                   "only within a visit, so a pair's first inversion of a "
+                                                   "round starts at random (fedtrust option, module docstring)")
 
     # ---------------------------------------------------------------- client
 
@@ -171,7 +173,7 @@ class Flip(FedAvg):
         batches = local_batches(len(data), sched.batch_size, sched.epochs, sched.steps, ctx.generator,
                                 sched.drop_last)[:p.max_steps]
         st = _State.load(client_state, k, data.x.device)
-        if not p.keep_cache:
+        if not p.keep_cache:  # the stored triggers stay for the report's masks, but start nothing
             st.cache.clear()
         run = _Hardening(self, model, opt, data, ctx, st)
         if not run.sound():
@@ -185,8 +187,6 @@ class Flip(FedAvg):
                              num_examples=len(data), steps=run.steps, mean_loss=run.mean_loss())
         reply, _ = self.finish(message, result, client_state, ctx)
         reply.meta.update(run.counts)
-        if not p.keep_cache:
-            st.cache.clear()  # nothing of this visit's triggers outlives it (nor weighs on the checkpoint)
         return reply, st.save(client_state)
 
     def aggregate(self, state: Message, replies: dict[int, Message], round: int) -> tuple[Message, dict[str, Any]]:
