@@ -22,7 +22,7 @@ import torch
 from fedtrust.data import readers
 from fedtrust.data.datasets import CIFAR10, MNIST, channel_stats, load_dataset
 from fedtrust.errors import DataError
-from fedtrust.registry import names
+from fedtrust.registry import get, names
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 FILE_BASED = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "npz")
@@ -480,3 +480,22 @@ def test_real_cifar10(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     means = (ds.train.x.double().mean(dim=(0, 2, 3)) / 255).tolist()
     assert means == pytest.approx([0.4913, 0.4821, 0.4465], abs=1e-4)
     assert len(list(tmp_path.glob("*.decoded.npz"))) == 1
+
+
+@pytest.mark.parametrize("name", [n for n in names("dataset") if n not in ("digits", "digits_domains")])
+def test_every_file_loader_takes_a_str_root_and_names_a_missing_folder(tmp_path: Path, name: str) -> None:
+    """A loader called directly (``fedtrust.data.load_mnist("data")``) with a str root, not only a Path.
+    Rules out: ``str / str`` TypeErrors from inside a loader instead of the DataError naming where it looked."""
+    missing = str(tmp_path / "absent")
+    with pytest.raises(DataError, match=r"not found") as err:
+        get("dataset", name)(missing)
+    assert missing in str(err.value)
+
+
+def test_a_str_root_reads_what_a_path_root_reads(tmp_path: Path) -> None:
+    x = _images(3, (1, 28, 28), 4)
+    _write_npz_split(tmp_path / "mnist", (x, np.array([1, 2, 3])), (x[:1], np.array([4])))
+    from fedtrust.data.datasets import load_mnist
+
+    a, b = load_mnist(str(tmp_path)), load_mnist(tmp_path)
+    assert torch.equal(a.train.x, b.train.x) and torch.equal(a.test.y, b.test.y)

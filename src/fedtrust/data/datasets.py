@@ -72,7 +72,7 @@ def dataset_params(name: str) -> dict[str, Any]:
 
 
 @register("dataset", "digits")
-def load_digits(root: Path | None = None) -> Dataset:
+def load_digits(root: str | Path | None = None) -> Dataset:
     """scikit-learn's 1,797 8×8 handwritten digits, pixels 0..16 rescaled to uint8 0..255.
 
     The train/test split is stratified and fixed (``random_state=0``), so every
@@ -271,13 +271,15 @@ def _mat_layout(folder: Path) -> Layout:
     return Layout((str(train), str(test)), lambda: (readers.read_svhn_mat(train), readers.read_svhn_mat(test)))
 
 
-def read_first_layout(name: str, root: Path | None, layouts: Callable[[Path], list[Layout]], how_to_get: str) -> Split:
+def read_first_layout(name: str, root: str | Path | None, layouts: Callable[[Path], list[Layout]],
+                      how_to_get: str) -> Split:
     """Read the first complete layout under ``root``, or raise one DataError naming every path looked at."""
     if root is None:
         raise DataError(
             f"data set {name!r} is read from files but no data root was set; "
             f"set one to the folder holding it ({how_to_get})"
         )
+    root = Path(root)  # a loader called directly may get a str
     candidates = layouts(root)
     for layout in candidates:
         if layout.read is not None:
@@ -317,19 +319,19 @@ def _from_spec(spec: DatasetSpec, split: Split) -> Dataset:
     return Dataset(spec.name, train, test, spec.mean, spec.std, augment=spec.augment, classes=spec.classes)
 
 
-def _load_standard(spec: DatasetSpec, root: Path | None, layouts: Callable[[Path], list[Layout]]) -> Dataset:
+def _load_standard(spec: DatasetSpec, root: str | Path | None, layouts: Callable[[Path], list[Layout]]) -> Dataset:
     """Read the first complete layout of ``spec``'s set under ``root``."""
     return _from_spec(spec, read_first_layout(spec.name, root, layouts, spec.how_to_get))
 
 
 @register("dataset", "mnist")
-def load_mnist(root: Path | None = None) -> Dataset:
+def load_mnist(root: str | Path | None = None) -> Dataset:
     """MNIST, 60,000 + 10,000 handwritten digits, (N, 1, 28, 28)."""
     return _load_standard(MNIST, root, lambda r: [_npz_layout(r / "mnist"), _idx_layout(r / "MNIST" / "raw")])
 
 
 @register("dataset", "fashion_mnist")
-def load_fashion_mnist(root: Path | None = None) -> Dataset:
+def load_fashion_mnist(root: str | Path | None = None) -> Dataset:
     """Fashion-MNIST, 60,000 + 10,000 clothing images, (N, 1, 28, 28)."""
     return _load_standard(
         FASHION_MNIST, root, lambda r: [_npz_layout(r / "fashion_mnist"), _idx_layout(r / "FashionMNIST" / "raw")]
@@ -337,7 +339,7 @@ def load_fashion_mnist(root: Path | None = None) -> Dataset:
 
 
 @register("dataset", "cifar10")
-def load_cifar10(root: Path | None = None) -> Dataset:
+def load_cifar10(root: str | Path | None = None) -> Dataset:
     """CIFAR-10, 50,000 + 10,000 colour images, (N, 3, 32, 32).
 
     ``cifar10/train_full_jpeg.npz`` (the JPEG copy in ``../shared/data``) is
@@ -356,7 +358,7 @@ def load_cifar10(root: Path | None = None) -> Dataset:
 
 
 @register("dataset", "cifar100")
-def load_cifar100(root: Path | None = None) -> Dataset:
+def load_cifar100(root: str | Path | None = None) -> Dataset:
     """CIFAR-100 with its 100 fine labels, 50,000 + 10,000 colour images, (N, 3, 32, 32)."""
     return _load_standard(
         CIFAR100,
@@ -369,7 +371,7 @@ def load_cifar100(root: Path | None = None) -> Dataset:
 
 
 @register("dataset", "svhn")
-def load_svhn(root: Path | None = None) -> Dataset:
+def load_svhn(root: str | Path | None = None) -> Dataset:
     """SVHN cropped digits, 73,257 + 26,032 colour images, (N, 3, 32, 32); label 10 of the .mat files is digit 0.
 
     The ``extra`` split is not read.
@@ -378,7 +380,7 @@ def load_svhn(root: Path | None = None) -> Dataset:
 
 
 @register("dataset", "npz")
-def load_npz(root: Path | None = None) -> Dataset:
+def load_npz(root: str | Path | None = None) -> Dataset:
     """Any image set of your own: ``ROOT/train.npz`` and ``ROOT/test.npz``.
 
     Each file holds ``x`` uint8 of shape (N, H, W), (N, H, W, C) or

@@ -117,18 +117,18 @@ def make_domain_dataset(base: Dataset, name: str, copies: bool) -> Dataset:
 
 
 @register("dataset", "digits_domains")
-def load_digits_domains(root: Path | None = None) -> Dataset:
+def load_digits_domains(root: str | Path | None = None) -> Dataset:
     """scikit-learn's digits in five domains (3×8×8): 7,185 train / 1,800 test images, each digit in every domain."""
     return make_domain_dataset(load_digits(root), "digits_domains", copies=True)
 
 
 @register("dataset", "mnist_domains")
-def load_mnist_domains(root: Path | None = None) -> Dataset:
+def load_mnist_domains(root: str | Path | None = None) -> Dataset:
     """MNIST in five domains (3×28×28), a disjoint fifth of each split per domain (60,000 + 10,000)."""
     return make_domain_dataset(load_mnist(root), "mnist_domains", copies=False)
 
 
 @register("dataset", "fashion_mnist_domains")
-def load_fashion_mnist_domains(root: Path | None = None) -> Dataset:
+def load_fashion_mnist_domains(root: str | Path | None = None) -> Dataset:
     """Fashion-MNIST in five domains (3×28×28), a disjoint fifth of each split per domain (60,000 + 10,000)."""
     return make_domain_dataset(load_fashion_mnist(root), "fashion_mnist_domains", copies=False)

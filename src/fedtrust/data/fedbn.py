@@ -67,11 +67,12 @@ def _check_size(image_size: int, what: str) -> int:
     return image_size
 
 
-def _find_folder(root: Path | None, candidates: Sequence[str], marker: str, name: str, expected: str) -> Path:
+def _find_folder(root: str | Path | None, candidates: Sequence[str], marker: str, name: str, expected: str) -> Path:
     """The first of ``root/c`` holding ``marker``, or a one-line DataError naming where the set is expected."""
     if root is None:
         raise DataError(f"data set {name!r} is read from files but no data root was set; set data.root to the "
                         f"folder holding {expected}")
+    root = Path(root)  # a loader called directly may get a str
     looked = [root / c if c else root for c in candidates]
     for folder in looked:
         if (folder / marker).exists():
@@ -116,7 +117,7 @@ def _join(parts: Sequence[tuple[torch.Tensor, torch.Tensor]], names: tuple[str, 
 
 
 @register("dataset", "fedbn_digits")
-def load_fedbn_digits(root: Path | None = None, image_size: int = 28, parts: int = 3,
+def load_fedbn_digits(root: str | Path | None = None, image_size: int = 28, parts: int = 3,
                       domains: Sequence[str] | None = None) -> Dataset:
     """FedBN's Digit-5 (MNIST, SVHN, USPS, SynthDigits, MNIST_M) as one multi-domain set, 3×``image_size``².
 
@@ -179,7 +180,7 @@ def _domainnet_split(folder: Path, domain: str, split: str, size: int) -> tuple[
 
 
 @register("dataset", "domainnet")
-def load_domainnet(root: Path | None = None, image_size: int = 64, domains: Sequence[str] | None = None) -> Dataset:
+def load_domainnet(root: str | Path | None = None, image_size: int = 64, domains: Sequence[str] | None = None) -> Dataset:
     """FedBN's 10-class DomainNet subset (six domains) as one multi-domain set, 3×``image_size``².
 
     ``domains``: which domains, in this order (null: real, clipart, infograph, painting, quickdraw, sketch).
