@@ -37,7 +37,7 @@ from fedtrust.runner.source import primary_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from flip_state import NEAR, near  # noqa: E402
-from runpool import emit, machine_note, md_table  # noqa: E402
+from runpool import emit, md_table, probe_header  # noqa: E402
 
 
 def shares(trig: Trigger, pixels: torch.Tensor, around: torch.Tensor) -> tuple[float, float]:
@@ -122,17 +122,16 @@ def main() -> None:
     torch.manual_seed(0)
     rows, found = probe(args.run, args.seeds, args.caches, args.steps, args.images, args.tau_inv)
     cmd = (f"python benchmarks/flip_warm_start.py {args.run} --seeds {args.seeds} --caches {args.caches} "
-           f"--steps {args.steps} --images {args.images} --tau-inv {args.tau_inv:g}"
-           + (f" --results {args.results}" if args.results else ""))
-    lines = ["# FLIP's inversion from a pair's cached trigger against a random start (one global model)", "",
-             f"Reproduce: `{cmd}`", "",
-             f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {machine_note('cpu')}.",
-             f"- {args.images} test images of each source class; s → target inverted with FLIP's primitive "
-             f"(adaptive λ from 1e-3, Adam lr 0.1, τ_inv {args.tau_inv:g}, {args.steps} steps). \"cache of client "
-             "c\": warm-started from the (s, target) trigger client c cached on its last visit (FLIP, "
-             "`keep_cache=true`); \"random\": `keep_cache=false`'s start for a visit's first inversion of a pair.",
-             "- s: wall seconds of one inversion, one torch thread (they include waiting for a core when other "
-             "work shares the machine).", "", "## Summary", ""]
+           f"--steps {args.steps} --images {args.images} --tau-inv {args.tau_inv:g}")
+    lines = probe_header("FLIP's inversion from a pair's cached trigger against a random start (one global model)",
+                         cmd, args.results)
+    lines += [
+        f"- {args.images} test images of each source class; s → target inverted with FLIP's primitive "
+        f"(adaptive λ from 1e-3, Adam lr 0.1, τ_inv {args.tau_inv:g}, {args.steps} steps). \"cache of client "
+        "c\": warm-started from the (s, target) trigger client c cached on its last visit (FLIP, "
+        "`keep_cache=true`); \"random\": `keep_cache=false`'s start for a visit's first inversion of a pair.",
+        "- s: wall seconds of one inversion, one torch thread (they include waiting for a core when other "
+        "work shares the machine).", "", "## Summary", ""]
     lines += md_table(["start", "inversions", "reached τ_inv", "median mask L1 (px)", "mask mass on the trigger (%)",
                        f"within {NEAR} px of it (%)"], summary(found))
     lines += ["", "## Every inversion", ""]

@@ -36,7 +36,7 @@ from fedtrust.runner.source import primary_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from flip_state import NEAR, near  # noqa: E402
-from runpool import machine_note, md_table, write_results  # noqa: E402
+from runpool import md_table, probe_header, write_results  # noqa: E402
 
 
 def probe_images(test_x: torch.Tensor, test_y: torch.Tensor, target: int, n: int, seed: int) -> torch.Tensor:
@@ -103,16 +103,14 @@ def main() -> None:
         parser.error(f"--tau-inv values must be in (0, 1]; got {args.tau_inv}")
     rows = [row for run in args.runs for row in probe(run, taus, args.seeds, args.steps, args.images)]
     cmd = (f"python benchmarks/inversion_probe.py {' '.join(str(r) for r in args.runs)} --tau-inv {args.tau_inv} "
-           f"--seeds {args.seeds} --steps {args.steps} --images {args.images}"
-           + (f" --results {args.results}" if args.results else ""))
-    lines = ["# Does FLIP's inversion find the real trigger? (probe of global models)", "",
-             f"Reproduce: `{cmd}`", "",
-             f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {machine_note('cpu')}.",
-             f"- {args.images} non-target test images (the same for every run); FLIP's inversion "
-             "(Neural-Cleanse mask and pattern, adaptive λ from 1e-3, Adam lr 0.1) from a random start; "
-             "\"flipped by the real trigger\": the share of those images the run's full trigger sends to the target.",
-             "- s: wall seconds of one inversion, one torch thread (they include waiting for a core when other "
-             "work shares the machine).", ""]
+           f"--seeds {args.seeds} --steps {args.steps} --images {args.images}")
+    lines = probe_header("Does FLIP's inversion find the real trigger? (probe of global models)", cmd, args.results)
+    lines += [
+        f"- {args.images} non-target test images (the same for every run); FLIP's inversion "
+        "(Neural-Cleanse mask and pattern, adaptive λ from 1e-3, Adam lr 0.1) from a random start; "
+        "\"flipped by the real trigger\": the share of those images the run's full trigger sends to the target.",
+        "- s: wall seconds of one inversion, one torch thread (they include waiting for a core when other "
+        "work shares the machine).", ""]
     lines += md_table(["run", "round", "flipped by the real trigger (%)", "τ_inv", "seed", "reached", "mask L1 (px)",
                        "mask mass on the trigger (%)", f"within {NEAR} px of it (%)",
                        "trigger pixels covered (m > 0.5)", "s"], rows)

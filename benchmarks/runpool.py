@@ -264,6 +264,14 @@ if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
     _worker()
 
 
+def probe_header(title: str, cmd: str, results: str | None) -> list[str]:
+    """The header of a results file that reads checkpoints (no runs of its own): title, the command that
+    reproduces it (``--results`` appended when given), date and hardware."""
+    full = cmd + (f" --results {results}" if results else "")
+    return [f"# {title}", "", f"Reproduce: `{full}`", "",
+            f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {machine_note('cpu')}."]
+
+
 def run_header(title: str, cmd: str, args, every: list[Job], todo: int, elapsed_min: float) -> list[str]:
     """The header every quality benchmark's results file opens with: title, the command that reproduces it,
     date, seeds, hardware, parallelism and run time."""
