@@ -20,7 +20,11 @@ each seed:
   fedtrust tuning, checkpointed every round: an inversion then needs to flip half the source images, not 90 %,
   so a backdoor the global model has only partly learnt can already be the cheapest trigger
   (``benchmarks/inversion_probe.py``: on seed 0's FLIP model at 6 % ASR, half the inverted mask's mass lies
-  near the real trigger at τ_inv 0.5, a fifth to a third at 0.9).
+  near the real trigger at τ_inv 0.5, a fifth to a third at 0.9);
+- ``flipnocache-dba-s{seed}``: the preset with ``algorithm.keep_cache=false`` (``NOCACHE``), a fedtrust option,
+  checkpointed every round: a visit's first inversion of a pair starts at random, not from the trigger the
+  client cached on an older global model (``benchmarks/flip_warm_start.py``: on seed 0's round-69 model the
+  cached starts end in larger masks further from the trigger).
 
 One FLIP round costs about 6–7 min on one core of this CPU beside other work (the FedAvg runs 4–9 s; 11–15 min
 before session 36's eager inversion step), so a 90-round FLIP run takes about 9–10 h. ``--budget-min`` stops the
@@ -59,9 +63,9 @@ from runpool import (REPO, RESULTS, _die_with_parent, _one_thread_env, benchmark
                      machine_note, md_table, with_analysis, write_results)
 
 PRESET = "configs/flip-mnist-continuous.yaml"
-KINDS = ("flip-dba", "fedavg-none", "fedavg-dba", "noinv-dba", "fliptau05-dba")
+KINDS = ("flip-dba", "fedavg-none", "fedavg-dba", "noinv-dba", "fliptau05-dba", "flipnocache-dba")
 """The attack runs of a seed: FLIP under continuous DBA, FedAvg without attack, FedAvg under DBA, FLIP without
-its inversion under DBA, FLIP at τ_inv 0.5 under DBA."""
+its inversion under DBA, FLIP at τ_inv 0.5 under DBA, FLIP with random-start inversions under DBA."""
 COMPARED = ("flip-dba", "fedavg-none", "fedavg-dba")
 """The runs whose last common round is the table's "shared round" (the ablation and the tuning, later and
 cheaper or later and slower, are read there when they have reached it, "—" otherwise)."""
@@ -71,6 +75,7 @@ PRETRAIN = ("configs/fedavg-mnist.yaml", "rounds=10", "model.name=lenet", "data.
 FEDAVG = ("algorithm.invert=false", "train.epochs=1")
 NOINV = ("algorithm.warmup_steps=0", "algorithm.pair_steps=0", "algorithm.refine_steps=0")
 TAU05 = ("algorithm.tau_inv=0.5",)
+NOCACHE = ("algorithm.keep_cache=false",)
 EVERY = 10  # the ASR-per-round table's spacing
 
 
@@ -116,7 +121,7 @@ def plan(seeds: list[int], work: Path, device: str = "cpu", data_root: str = "..
     runs: dict[tuple[str, int], PaperRun] = {}
     extras = {"flip-dba": ("checkpoint_every=1",), "fedavg-none": (*FEDAVG, "attack.rounds=[]", "checkpoint_every=0"),
               "fedavg-dba": (*FEDAVG, "checkpoint_every=0"), "noinv-dba": (*NOINV, "checkpoint_every=5"),
-              "fliptau05-dba": (*TAU05, "checkpoint_every=1")}
+              "fliptau05-dba": (*TAU05, "checkpoint_every=1"), "flipnocache-dba": (*NOCACHE, "checkpoint_every=1")}
     for kind, extra in extras.items():
         for s in seeds:
             runs[(kind, s)] = PaperRun(f"{kind}-s{s}", (PRESET, *extra, *common, "eval.personalized=false",
@@ -179,7 +184,9 @@ READINGS = (("FedAvg, no attack", "fedavg-none", "test_acc", "asr"),
             ("FLIP without inversion (τ = 0), continuous DBA", "noinv-dba", "test_acc", "asr"),
             ("FLIP without inversion + τ 0.4, continuous DBA", "noinv-dba", "acc_tau", "asr_tau"),
             ("FLIP τ_inv 0.5 (τ = 0), continuous DBA", "fliptau05-dba", "test_acc", "asr"),
-            ("FLIP τ_inv 0.5 + τ 0.4, continuous DBA", "fliptau05-dba", "acc_tau", "asr_tau"))
+            ("FLIP τ_inv 0.5 + τ 0.4, continuous DBA", "fliptau05-dba", "acc_tau", "asr_tau"),
+            ("FLIP keep_cache=false (τ = 0), continuous DBA", "flipnocache-dba", "test_acc", "asr"),
+            ("FLIP keep_cache=false + τ 0.4, continuous DBA", "flipnocache-dba", "acc_tau", "asr_tau"))
 """The table's rows: label, run kind, clean-accuracy key and ASR key of its metrics."""
 
 
@@ -225,7 +232,7 @@ def curves_plot(seeds: list[int], runs: dict[tuple[str, int], PaperRun], path: P
         return False
     fig, axes = plt.subplots(2, len(shown), figsize=(4.2 * len(shown) + 2.4, 6.4), squeeze=False, sharex=True)
     color = {"fedavg-none": "tab:blue", "fedavg-dba": "tab:red", "flip-dba": "black", "noinv-dba": "tab:green",
-             "fliptau05-dba": "tab:purple"}
+             "fliptau05-dba": "tab:purple", "flipnocache-dba": "tab:orange"}
     for col, s in enumerate(shown):
         for label, kind, acc, asr in READINGS:
             rows = runs[(kind, s)].rows()
