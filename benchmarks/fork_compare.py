@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"{run}: no metrics.jsonl (expected a fedtrust run folder)")
     lines = ["# A run and its forks, from the fork's round on", "",
              f"Reproduce: `python benchmarks/fork_compare.py {' '.join(str(r) for r in args.runs)}"
-             + (f" --results {args.results}`" if args.results else "`")
+             + (f" --results {args.results}" if args.results else "")
+             + (f" --analysis {args.analysis}`" if args.analysis else "`")
              + " (the forks: `fedtrust fork PARENT FORK key=value`, then `fedtrust run --resume FORK`).", "",
              *table(args.runs)]
     if args.analysis is not None:
