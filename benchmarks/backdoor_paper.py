@@ -42,7 +42,12 @@ every run of the seed reached (the fair comparison while FLIP is partial), and t
 reaches 10 % and 50 % ("—": not within the rounds done); FLIP also read with τ 0.4 (``acc_tau``, ``asr_tau``;
 refusals count as errors). The ASR per round every 10 rounds follows. Seconds per round: the median of the
 run's per-round durations. A plot (``<results>.png``) draws the ASR and the clean accuracy of every run per
-round, one column per seed.
+round, one column per seed, and ``<results>_rounds.csv`` keeps every run's readings of every round.
+
+The run folders live under ``--work`` (``runs/``, ignored by git), so a fresh checkout has none (session 42's
+had lost the 78 / 56 / 26 rounds of ``backdoor_mnist_paper_flip_cpu``). The script therefore refuses to
+overwrite a results file whose tables record a run with more rounds than its folder now holds (or a run whose
+folder is gone), naming each such row: write to another ``--results``, or pass ``--replace``.
 """
 
 from __future__ import annotations
@@ -219,6 +224,56 @@ def tables(seeds: list[int], runs: dict[tuple[str, int], PaperRun]) -> list[str]
     return lines
 
 
+def table_rounds(seeds: list[int], runs: dict[tuple[str, int], PaperRun]) -> dict[tuple[int, str], int]:
+    """(seed, table row) → rounds done, of the rows :func:`tables` would write from the runs as they are."""
+    out = {}
+    for s in seeds:
+        for label, kind, _, _ in READINGS:
+            if rows := runs[(kind, s)].rows():
+                out[(s, label)] = rows[-1]["round"]
+    return out
+
+
+def recorded_rounds(path: Path) -> dict[tuple[int, str], int]:
+    """(seed, table row) → rounds done, as a results file this script wrote records them (its first table
+    under each ``## Seed`` heading; the analysis after the tables is not read). Empty when there is no file."""
+    out: dict[tuple[int, str], int] = {}
+    seed, table = None, 0  # table: 0 before the seed's first table, 1 in it, 2 after it
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        if line.startswith("## "):
+            if not line.startswith("## Seed "):
+                break
+            seed, table = int(line.split()[2]), 0
+        elif seed is not None and line.startswith("| ") and table < 2:
+            table = 1
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) > 1 and cells[1].isdigit():
+                out[(seed, cells[0])] = int(cells[1])
+        elif table == 1:
+            table = 2
+    return out
+
+
+def lost_rows(recorded: dict[tuple[int, str], int], now: dict[tuple[int, str], int]) -> list[str]:
+    """The recorded rows that the new table would drop or show with fewer rounds (the runs behind them are
+    gone: a fresh checkout keeps no ``runs/``), one line each."""
+    return [f"seed {s}, {label}: {n} rounds recorded, {now[(s, label)] if (s, label) in now else 'no run'} now"
+            for (s, label), n in sorted(recorded.items()) if now.get((s, label), 0) < n]
+
+
+def rounds_csv(seeds: list[int], runs: dict[tuple[str, int], PaperRun]) -> list[str]:
+    """Every evaluated round of every run, one CSV line each (seed, run, round, clean accuracy and ASR without
+    and with τ, in %): the per-round record kept beside the table, so it outlives the run folders."""
+    keys = ("test_acc", "asr", "acc_tau", "asr_tau")
+    lines = ["seed,run,round," + ",".join(keys)]
+    for s in seeds:
+        for kind in KINDS:
+            for r in runs[(kind, s)].rows():
+                vals = ("" if r.get(k) is None else f"{100 * r[k]:.2f}" for k in keys)
+                lines.append(f"{s},{kind},{r['round']}," + ",".join(vals))
+    return lines
+
+
 def curves_plot(seeds: list[int], runs: dict[tuple[str, int], PaperRun], path: Path) -> bool:
     """ASR (top) and clean accuracy (bottom) per round, one column per seed, every run of the table side by
     side (FLIP black, dashed with τ); False (nothing written) when no run has rows."""
@@ -270,6 +325,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="torch device of every run (cpu, cuda, auto)")
     parser.add_argument("--kinds", default=",".join(KINDS),
                         help=f"runs to run (comma-separated, of {','.join(KINDS)}); the table shows every run found")
+    parser.add_argument("--replace", action="store_true",
+                        help="overwrite the results file even where it records more rounds than the runs hold")
     parser.add_argument("--data-root", default="../shared/data",
                         help="folder holding mnist/train.npz (relative to the repository root)")
     args = parser.parse_args()
@@ -299,6 +356,10 @@ def main() -> None:
         cmd += f" --results {args.results}"
     if args.kinds != ",".join(KINDS):
         cmd += f" --kinds {args.kinds}"
+    target = RESULTS / f"{args.results}.md"
+    if not args.replace and (lost := lost_rows(recorded_rounds(target), table_rounds(seeds, runs))):
+        sys.exit(f"not overwriting {target.relative_to(REPO)}: the runs in {work} hold less than it records "
+                 f"({'; '.join(lost)}); write to another --results, or pass --replace\n" + "\n".join(failed))
     hardware = machine_note(args.device)
     lines = [f"# FLIP against continuous DBA on MNIST in the paper's regime (issue 15) — `{args.results}`", "",
              f"Reproduce: `{cmd}` (from the repository root; rerun the same command to continue stopped runs; "
@@ -306,12 +367,15 @@ def main() -> None:
              f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; seeds {args.seeds}.",
              f"- Hardware: {hardware}; device `{args.device}`; one torch thread per run, {args.jobs} at a time.",
              f"- Runs: `{PRESET}` as it is (module docstring); FedAvg rows add `{' '.join(FEDAVG)}`; FLIP without "
-             f"inversion adds `{' '.join(NOINV)}`, FLIP τ_inv 0.5 `{' '.join(TAU05)}`; pre-training "
+             f"inversion adds `{' '.join(NOINV)}`, FLIP τ_inv 0.5 `{' '.join(TAU05)}`, FLIP keep_cache=false "
+             f"`{' '.join(NOCACHE)}`; pre-training "
              f"`{' '.join(PRETRAIN)}`. Accuracies and ASRs in %."]
     lines += tables(seeds, runs)
     if curves_plot(seeds, runs, RESULTS / f"{args.results}.png"):
         lines += ["", f"![ASR and clean accuracy per round, every run side by side]({args.results}.png)"]
+    lines += ["", f"Per-round readings of every run: [{args.results}_rounds.csv]({args.results}_rounds.csv)."]
     write_results(f"{args.results}.md", with_analysis(lines, args.analysis or f"benchmarks/{args.results}_analysis.md"))
+    (RESULTS / f"{args.results}_rounds.csv").write_text("\n".join(rounds_csv(seeds, runs)) + "\n")
     if failed:
         sys.exit("\n".join(failed))
 
