@@ -2,7 +2,7 @@
 
 import pytest
 import yaml
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fedtrust.errors import ConfigError
@@ -88,6 +88,9 @@ VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(a
 
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(st.sampled_from(KEYS), VALUES, min_size=1, max_size=4))
+@example(items={"algorithm": {"\n": 0}})  # session 42: an unknown key holding a newline broke the line
+@example(items={"model": {"\n": 0}})
+@example(items={"data.dataset_params": {"a\nb": 1}})
 def test_random_configs_are_valid_or_one_line_config_errors(items):
     tree: dict = {}
     try:
