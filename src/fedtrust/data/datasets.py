@@ -61,7 +61,7 @@ def load_dataset(name: str, root: str | Path | None = None, **params: Any) -> Da
     unknown = sorted(set(params) - set(dataset_params(name)))
     if unknown:
         valid = ", ".join(dataset_params(name)) or "none"
-        raise ConfigError(f"unknown config key 'data.dataset_params.{unknown[0]}' for data set {name!r}; valid: {valid}")
+        raise ConfigError(f"unknown config key {f'data.dataset_params.{unknown[0]}'!r} for data set {name!r}; valid: {valid}")
     return loader(Path(root) if root is not None else None, **params)
 
 

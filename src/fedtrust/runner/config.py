@@ -104,7 +104,7 @@ class DataConfig(Section):
         valid = dataset_params(self.dataset)
         unknown = sorted(set(self.dataset_params) - set(valid))
         if unknown:
-            raise ConfigError(f"unknown config key {_key('data.dataset_params.' + str(unknown[0]))} for data set "
+            raise ConfigError(f"unknown config key {_key(f'data.dataset_params.{unknown[0]}')} for data set "
                               f"{self.dataset!r}; valid: {', '.join(valid) or 'none'}")
         get("partitioner", self.partition)
         get("sampler", self.sampler)
@@ -271,7 +271,8 @@ class AttackConfig(BaseModel):
     def _check(self) -> "AttackConfig":
         if self.name is None:
             if self.params():
-                raise ConfigError(f"unknown config key {_key('attack.' + str(next(iter(self.params()))))} with no attack "
+                first = next(iter(self.params()))
+                raise ConfigError(f"unknown config key {_key(f'attack.{first}')} with no attack "
                                   f"(set attack.name; `fedtrust list attack`)")
             return self
         _check_params("attack", self.name, get("attack", self.name).Params, self.params())
@@ -482,7 +483,8 @@ def _check_params(kind: str, name: str, params_model: type[BaseModel], params: d
         key = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
             valid = ", ".join(["name", *params_model.model_fields]) or "name"
-            raise ConfigError(f"unknown config key {_key(f'{kind}.{key}')} for {kind} {name!r}; valid: {valid}") from None
+            raise ConfigError(f"unknown config key {_key(f'{kind}.{key}')} for {kind} {name!r}; "
+                              f"valid: {valid}") from None
         msg = err["msg"].removeprefix("Value error, ")
         raise ConfigError(f"config key {_key(f'{kind}.{key}')}: {msg} (got {err.get('input')!r})") from None
 
@@ -496,7 +498,8 @@ def _check_kwargs(kind: str, name: str, builder: Any, kwargs: dict[str, Any], sk
     for key in kwargs:
         if key in skip or (accepted is not None and key not in accepted):
             valid = ", ".join(["name", *(accepted or [])])
-            raise ConfigError(f"unknown config key {_key(f'{kind}.{key}')} for {kind} {name!r}; valid: {valid}")
+            raise ConfigError(f"unknown config key {_key(f'{kind}.{key}')} for {kind} {name!r}; "
+                              f"valid: {valid}")
 
 
 def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -522,8 +525,8 @@ def format_validation_error(e: ValidationError, root: type[BaseModel] = RunConfi
     loc = tuple(p for p in err["loc"] if not isinstance(p, int) or True)
     key = ".".join(str(p) for p in loc)
     if err["type"] == "extra_forbidden":
-        section = ".".join(str(p) for p in loc[:-1]) or "top level"
-        return f"unknown config key {_key(key)}; valid keys at {_key(section)[1:-1]}: {', '.join(_valid_keys(root, loc))}"
+        section = _key(".".join(str(p) for p in loc[:-1]))[1:-1] or "top level"  # escaped, unquoted
+        return f"unknown config key {_key(key)}; valid keys at {section}: {', '.join(_valid_keys(root, loc))}"
     msg = err["msg"].removeprefix("Value error, ")
     got = err.get("input")
     return f"config key {_key(key)}: {msg} (got {got!r})" if key else f"config: {msg}"
